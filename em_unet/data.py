@@ -1,0 +1,340 @@
+"""EM stacks on disk and the tf.data pipelines that feed training.
+
+Stacks are ``(z, y, x)`` arrays: slices by rows by columns. They are read from a
+multi-page TIFF, a single 2-D TIFF, or a folder of per-slice TIFF/PNG files
+taken in numeric order (``2.tif`` before ``10.tif``).
+
+Intensities become float32 in [0, 1]: 8-bit images are divided by 255, 16-bit
+by 65535 (the full range of the type, so brightness is comparable across
+stacks); float images already within [0, 1] are kept; anything else (other
+integer types, floats outside [0, 1]) is rescaled by the stack's own minimum
+and maximum.
+
+Label convention, decided in :func:`membrane_target` and nowhere else: the
+training target is 1 = membrane, 0 = cell interior. A label stack whose values
+are {0, 255} follows the ISBI 2012 convention (0 = membrane, 255 = cell
+interior); one whose values are {0, 1} is a membrane mask (1 = membrane). A
+stack with a single value is ambiguous and needs ``convention=`` set.
+
+Slices smaller than the patch size are an error (no silent padding): choose a
+smaller ``patch_size``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+from em_unet.augment import RNG, AugmentConfig, augment_batch
+from em_unet.errors import DataError
+
+SLICE_SUFFIXES = (".tif", ".tiff", ".png")
+LABEL_CONVENTIONS = ("auto", "isbi", "mask")
+
+
+# ---------------------------------------------------------------- reading
+
+
+def _natural_key(path: Path):
+    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", path.name)]
+
+
+class _TiffProblems(logging.Handler):
+    """Collects what tifffile logs: it reports truncated files there and returns partial data."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def _read_tiff(path: Path) -> np.ndarray:
+    import tifffile
+
+    problems = _TiffProblems()
+    logger = logging.getLogger("tifffile")
+    logger.addHandler(problems)
+    try:
+        with tifffile.TiffFile(path) as tif:
+            if not tif.pages:
+                raise DataError(f"{path}: the TIFF holds no slices (empty stack)")
+            page = tif.pages[0]
+            if getattr(page, "samplesperpixel", 1) > 1:
+                raise DataError(
+                    f"{path}: {page.samplesperpixel} samples per pixel (RGB or multi-channel); "
+                    "em-unet needs grayscale slices: convert the stack to 8- or 16-bit grayscale"
+                )
+            array = tif.asarray()
+    except DataError:
+        raise
+    except tifffile.TiffFileError as err:
+        raise DataError(f"{path}: not a readable TIFF file ({err})") from None
+    except Exception as err:  # truncated or corrupt data surfaces as many exception types
+        raise DataError(f"{path}: the TIFF is truncated or corrupt ({type(err).__name__}: {err})") from None
+    finally:
+        logger.removeHandler(problems)
+    if problems.messages:
+        first = problems.messages[0].replace("\n", " ")
+        raise DataError(f"{path}: the TIFF is truncated or corrupt ({first})")
+    return array
+
+
+def _read_png(path: Path) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            if image.mode not in ("L", "I;16", "I;16B", "I", "1", "P"):
+                raise DataError(f"{path}: PNG mode {image.mode} (RGB or multi-channel); em-unet needs grayscale slices")
+            array = np.asarray(image)
+    except DataError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise DataError(f"{path}: not a readable PNG file ({err})") from None
+    return array
+
+
+def _read_file(path: Path) -> np.ndarray:
+    if path.suffix.lower() == ".png":
+        return _read_png(path)
+    return _read_tiff(path)
+
+
+def read_stack(path: str | Path) -> np.ndarray:
+    """Read a stack as ``(z, y, x)`` in its stored dtype.
+
+    ``path`` is a multi-page TIFF, a single 2-D TIFF or PNG, or a folder of
+    per-slice TIFF/PNG files in numeric order. Raises :class:`DataError` with a
+    one-line message for anything that is not a grayscale stack.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such file or folder")
+    if path.is_dir():
+        files = sorted((p for p in path.iterdir() if p.suffix.lower() in SLICE_SUFFIXES), key=_natural_key)
+        if not files:
+            raise DataError(f"{path}: the folder holds no .tif/.tiff/.png slices (empty stack)")
+        slices = [_read_file(p) for p in files]
+        shapes = {s.shape for s in slices}
+        if len(shapes) > 1:
+            raise DataError(f"{path}: slices have different shapes {sorted(shapes)}")
+        for file, array in zip(files, slices):
+            if array.ndim != 2:
+                raise DataError(f"{file}: expected one 2-D grayscale slice, got shape {array.shape}")
+        stack = np.stack(slices)
+    else:
+        stack = _read_file(path)
+    if stack.ndim == 2:
+        stack = stack[None]
+    if stack.size == 0:
+        raise DataError(f"{path}: empty stack (shape {stack.shape})")
+    if stack.ndim != 3:
+        raise DataError(f"{path}: expected a grayscale stack (z, y, x), got shape {stack.shape}")
+    return stack
+
+
+def to_unit_range(stack: np.ndarray) -> np.ndarray:
+    """Map intensities to float32 in [0, 1] (see the module docstring for the rule)."""
+    if stack.dtype == np.uint8:
+        return stack.astype(np.float32) / 255.0
+    if stack.dtype == np.uint16:
+        return stack.astype(np.float32) / 65535.0
+    if stack.dtype == bool:
+        return stack.astype(np.float32)
+    stack = stack.astype(np.float32)
+    low, high = float(stack.min()), float(stack.max())
+    if np.issubdtype(stack.dtype, np.floating) and low >= 0.0 and high <= 1.0:
+        return stack
+    return (stack - low) / (high - low) if high > low else np.zeros_like(stack)
+
+
+def membrane_target(labels: np.ndarray, convention: str = "auto", source: str = "labels") -> np.ndarray:
+    """float32 target with 1 = membrane from a label stack (the one place the convention is chosen).
+
+    ``convention``: ``"isbi"`` (0 = membrane, 255 = interior), ``"mask"``
+    (1 = membrane, 0 = interior) or ``"auto"`` ({0, 255} -> isbi, {0, 1} -> mask).
+    """
+    if convention not in LABEL_CONVENTIONS:
+        raise ValueError(f"label convention must be one of {LABEL_CONVENTIONS}, got {convention!r}")
+    values = np.unique(labels)
+    shown = ", ".join(str(v) for v in values[:10]) + (", ..." if len(values) > 10 else "")
+    allowed = {"isbi": {0, 255}, "mask": {0, 1}}
+    found = set(values.tolist())
+    if convention == "auto":
+        fitting = [name for name, values_allowed in allowed.items() if found <= values_allowed]
+        if not fitting:
+            raise DataError(
+                f"{source}: label values {{{shown}}} are neither ISBI labels {{0, 255}} (0 = membrane) "
+                "nor a membrane mask {0, 1} (1 = membrane)"
+            )
+        if len(fitting) > 1:
+            raise DataError(
+                f"{source}: every label is {shown}; ambiguous between the ISBI convention (0 = membrane) "
+                "and a 0/1 mask (1 = membrane): set the label convention explicitly"
+            )
+        convention = fitting[0]
+    elif not found <= allowed[convention]:
+        raise DataError(f"{source}: label values {{{shown}}} do not fit the {convention} convention {sorted(allowed[convention])}")
+    if convention == "isbi":
+        return (labels == 0).astype(np.float32)
+    return (labels == 1).astype(np.float32)
+
+
+def load_image_stack(path: str | Path) -> np.ndarray:
+    """Read an EM stack as float32 ``(z, y, x)`` in [0, 1]."""
+    return to_unit_range(read_stack(path))
+
+
+def load_labelled_stack(
+    image_path: str | Path, label_path: str | Path, convention: str = "auto"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Read an EM stack and its labels: float32 images in [0, 1] and float32 targets (1 = membrane)."""
+    images = load_image_stack(image_path)
+    labels = read_stack(label_path)
+    if labels.shape != images.shape:
+        raise DataError(
+            f"{label_path}: label shape {labels.shape} differs from image shape {images.shape} of {image_path}"
+        )
+    return images, membrane_target(labels, convention, source=str(label_path))
+
+
+# ---------------------------------------------------------------- splitting
+
+
+def parse_slice_range(text: str) -> tuple[int, int]:
+    """``"15-19"`` -> (15, 19), inclusive slice indices; ``"7"`` -> (7, 7)."""
+    match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+))?\s*", text)
+    if not match:
+        raise ValueError(f"slice range {text!r} is not of the form FIRST-LAST (e.g. 15-19)")
+    first = int(match.group(1))
+    last = int(match.group(2)) if match.group(2) else first
+    if last < first:
+        raise ValueError(f"slice range {text!r}: last slice {last} is before first slice {first}")
+    return first, last
+
+
+def split_slices(
+    n_slices: int, val_slices: tuple[int, int] | None = None, val_fraction: float | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Split slice indices into training and one contiguous validation block.
+
+    Neighbouring sections are correlated, so a random split would leak: the
+    validation slices are ``val_slices`` (first, last; inclusive) or, when only
+    ``val_fraction`` is given, that fraction of the slices taken from the end.
+
+    Returns:
+        ``(train_slices, val_slices)`` as int arrays of slice indices.
+    """
+    if val_slices is not None and val_fraction is not None:
+        raise ValueError("give val_slices or val_fraction, not both")
+    if val_slices is None:
+        fraction = 0.25 if val_fraction is None else val_fraction
+        if not 0.0 < fraction < 1.0:
+            raise ValueError(f"val_fraction must be between 0 and 1, got {fraction}")
+        n_val = max(1, int(round(n_slices * fraction)))
+        first, last = n_slices - n_val, n_slices - 1
+    else:
+        first, last = val_slices
+    if first < 0 or last >= n_slices or last < first:
+        raise DataError(f"validation slices {first}-{last} are outside the stack's slices 0-{n_slices - 1}")
+    val = np.arange(first, last + 1)
+    train = np.setdiff1d(np.arange(n_slices), val)
+    if train.size == 0:
+        raise DataError(f"validation slices {first}-{last} leave no slice of 0-{n_slices - 1} for training")
+    return train, val
+
+
+# ---------------------------------------------------------------- tf.data
+
+
+def _as_channels_last(array: np.ndarray) -> np.ndarray:
+    return array[..., None] if array.ndim == 3 else array
+
+
+def check_patch_size(shape: Sequence[int], patch_size: int) -> None:
+    """Raise :class:`DataError` if ``patch_size`` (pixels) does not fit inside slices of ``shape`` (z, y, x)."""
+    height, width = shape[1], shape[2]
+    if patch_size > height or patch_size > width:
+        raise DataError(
+            f"patch size {patch_size} px is larger than the slices ({height} x {width} px): "
+            f"choose a patch size of at most {min(height, width)} px"
+        )
+
+
+def training_dataset(
+    images: np.ndarray,
+    targets: np.ndarray,
+    patch_size: int = 256,
+    batch_size: int = 4,
+    seed: int = 0,
+    augment: AugmentConfig | None = None,
+) -> tf.data.Dataset:
+    """Endless batches of random crops from random slices, optionally augmented.
+
+    Args:
+        images: float32 ``(z, y, x)`` in [0, 1] (the training slices only).
+        targets: ``(z, y, x)`` or ``(z, y, x, c)`` targets cropped and augmented
+            with the images (channel 0 is the membrane target; further channels,
+            such as loss weight maps, travel with it).
+        patch_size: side of the square crops, in pixels.
+        batch_size: crops per batch.
+        seed: the same seed gives the same batches.
+        augment: transform ranges, or None for no augmentation.
+
+    Returns:
+        A dataset of ``(images, targets)`` with shapes ``(batch, patch, patch, 1)``
+        and ``(batch, patch, patch, c)``.
+    """
+    check_patch_size(images.shape, patch_size)
+    image_stack = tf.constant(_as_channels_last(images), tf.float32)
+    target_stack = tf.constant(_as_channels_last(targets), tf.float32)
+    n_slices, height, width = images.shape[:3]
+    crop_seed, augment_seed = seed, seed + 1
+
+    def crop(index):
+        draw = tf.random.stateless_uniform([3], [crop_seed, index], 0, 2**30, dtype=tf.int64, alg=RNG)
+        z = draw[0] % n_slices
+        row = draw[1] % (height - patch_size + 1)
+        col = draw[2] % (width - patch_size + 1)
+        image = image_stack[z, row : row + patch_size, col : col + patch_size]
+        target = target_stack[z, row : row + patch_size, col : col + patch_size]
+        return image, target
+
+    dataset = tf.data.Dataset.counter().map(crop, num_parallel_calls=tf.data.AUTOTUNE)
+    dataset = dataset.batch(batch_size, drop_remainder=True)
+    if augment is not None:
+        dataset = dataset.enumerate().map(
+            lambda index, batch: augment_batch(*batch, tf.stack([tf.constant(augment_seed, tf.int64), index]), augment),
+            num_parallel_calls=tf.data.AUTOTUNE,
+        )
+    return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+def tile_origins(size: int, patch_size: int) -> list[int]:
+    """Start positions (pixels) of patches that cover ``size`` pixels; the last one is flush with the end."""
+    starts = list(range(0, size - patch_size + 1, patch_size))
+    if starts[-1] + patch_size < size:
+        starts.append(size - patch_size)
+    return starts
+
+
+def validation_dataset(
+    images: np.ndarray, targets: np.ndarray, patch_size: int = 256, batch_size: int = 4
+) -> tf.data.Dataset:
+    """Fixed, unaugmented crops that cover every validation slice (the last crop in a row/column is flush with the edge)."""
+    check_patch_size(images.shape, patch_size)
+    images = _as_channels_last(images)
+    targets = _as_channels_last(targets)
+    rows = tile_origins(images.shape[1], patch_size)
+    cols = tile_origins(images.shape[2], patch_size)
+    crops = [(z, r, c) for z in range(images.shape[0]) for r in rows for c in cols]
+    image_crops = np.stack([images[z, r : r + patch_size, c : c + patch_size] for z, r, c in crops])
+    target_crops = np.stack([targets[z, r : r + patch_size, c : c + patch_size] for z, r, c in crops])
+    return tf.data.Dataset.from_tensor_slices((image_crops, target_crops)).batch(batch_size).prefetch(tf.data.AUTOTUNE)

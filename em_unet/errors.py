@@ -1,0 +1,17 @@
+"""Errors that em-unet reports to users as one line, without a traceback."""
+
+
+class EmUnetError(Exception):
+    """Base class: the CLI prints ``em-unet: error: <message>`` and exits with status 2."""
+
+
+class DataError(EmUnetError, ValueError):
+    """An image or label stack that cannot be used (missing, corrupt, wrong shape or values)."""
+
+
+class ModelInputError(EmUnetError, ValueError):
+    """An input the U-Net cannot take (for example a side that is not a multiple of 2**depth)."""
+
+
+class DependencyError(EmUnetError, ImportError):
+    """An installed dependency that cannot be imported; the message says what to run."""

@@ -1,0 +1,21 @@
+"""Running the em-unet command as a user would: in a subprocess."""
+
+import os
+import subprocess
+import sys
+
+
+def run_cli(*args, env=None, timeout=600):
+    environment = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "em_unet.cli", *map(str, args)],
+        capture_output=True, text=True, env=environment, timeout=timeout,
+    )
+
+
+def error_line(result):
+    """The one error line em-unet printed (TensorFlow's own start-up chatter ignored)."""
+    lines = [line for line in result.stderr.splitlines() if line.startswith("em-unet: error:")]
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    return lines[0]

@@ -1,0 +1,206 @@
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+
+from em_unet.data import (
+    load_labelled_stack,
+    membrane_target,
+    parse_slice_range,
+    read_stack,
+    split_slices,
+    to_unit_range,
+    training_dataset,
+    validation_dataset,
+)
+from em_unet.errors import DataError
+from em_unet.augment import AugmentConfig
+
+
+def synthetic(n=4, size=64, seed=0):
+    rng = np.random.default_rng(seed)
+    images = rng.random((n, size, size), dtype=np.float32)
+    targets = (images > 0.7).astype(np.float32)
+    return images, targets
+
+
+# ------------------------------------------------------------------ reading
+
+def test_reads_multipage_2d_tiff_and_numeric_folder(tmp_path):
+    stack = np.arange(3 * 8 * 8, dtype=np.uint8).reshape(3, 8, 8)
+    tifffile.imwrite(tmp_path / "stack.tif", stack, photometric="minisblack")
+    assert np.array_equal(read_stack(tmp_path / "stack.tif"), stack)
+    tifffile.imwrite(tmp_path / "one.tif", stack[0], photometric="minisblack")
+    assert read_stack(tmp_path / "one.tif").shape == (1, 8, 8)
+
+    folder = tmp_path / "slices"
+    folder.mkdir()
+    for index in (10, 2, 1):
+        Image.fromarray(np.full((8, 8), index, np.uint8)).save(folder / f"{index}.png")
+    tifffile.imwrite(folder / "3.tif", np.full((8, 8), 3, np.uint8), photometric="minisblack")
+    assert read_stack(folder)[:, 0, 0].tolist() == [1, 2, 3, 10]
+
+
+def test_intensity_scaling():
+    assert to_unit_range(np.array([[[0, 255]]], np.uint8)).tolist() == [[[0.0, 1.0]]]
+    assert to_unit_range(np.array([[[0, 65535]]], np.uint16)).tolist() == [[[0.0, 1.0]]]
+    floats = np.array([[[0.2, 0.4]]], np.float32)
+    assert to_unit_range(floats) is not None and np.allclose(to_unit_range(floats), floats)
+    assert np.allclose(to_unit_range(np.array([[[-5.0, 5.0]]])), [[[0.0, 1.0]]])
+    assert to_unit_range(np.zeros((1, 4, 4), np.uint8)).dtype == np.float32
+
+
+def test_label_conventions():
+    isbi = np.array([[[0, 255], [255, 255]]], np.uint8)
+    assert membrane_target(isbi).tolist() == [[[1.0, 0.0], [0.0, 0.0]]]
+    mask = np.array([[[1, 0], [0, 0]]], np.uint8)
+    assert membrane_target(mask).tolist() == [[[1.0, 0.0], [0.0, 0.0]]]
+    assert membrane_target(np.zeros((1, 2, 2), np.uint8), convention="isbi").sum() == 4
+    with pytest.raises(DataError, match=r"label values \{0, 7, 255\}"):
+        membrane_target(np.array([[[0, 7, 255]]], np.uint8))
+    with pytest.raises(DataError, match="ambiguous"):
+        membrane_target(np.zeros((1, 2, 2), np.uint8))
+    with pytest.raises(DataError, match="do not fit the mask convention"):
+        membrane_target(isbi, convention="mask")
+
+
+def test_real_isbi_stack(isbi_dir):
+    images, targets = load_labelled_stack(isbi_dir / "train-volume.tif", isbi_dir / "train-labels.tif")
+    assert images.shape == targets.shape == (20, 512, 512)
+    assert images.dtype == np.float32 and 0.0 <= images.min() and images.max() <= 1.0
+    assert 0.2 < targets.mean() < 0.26  # README: about 23 % membrane
+
+
+# ------------------------------------------------------------------ bad inputs, one line each
+
+def one_line(err):
+    message = str(err.value)
+    assert "\n" not in message
+    return message
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(DataError) as err:
+        read_stack(tmp_path / "nope.tif")
+    assert "nope.tif: no such file" in one_line(err)
+
+
+def test_not_a_tiff(tmp_path):
+    path = tmp_path / "notes.tif"
+    path.write_text("these are my notes, not an image")
+    with pytest.raises(DataError) as err:
+        read_stack(path)
+    assert "notes.tif: not a readable TIFF" in one_line(err)
+
+
+def test_truncated_tiff(tmp_path):
+    path = tmp_path / "cut.tif"
+    tifffile.imwrite(path, np.random.default_rng(0).integers(0, 255, (4, 64, 64), dtype=np.uint8), compression="zlib", photometric="minisblack")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError) as err:
+        read_stack(path)
+    assert "cut.tif" in one_line(err)
+
+
+def test_rgb_stack(tmp_path):
+    path = tmp_path / "rgb.tif"
+    tifffile.imwrite(path, np.zeros((2, 16, 16, 3), np.uint8), photometric="rgb")
+    with pytest.raises(DataError) as err:
+        read_stack(path)
+    assert "rgb.tif: 3 samples per pixel" in one_line(err)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "rgb.png")
+    with pytest.raises(DataError, match="PNG mode RGB"):
+        read_stack(tmp_path / "rgb.png")
+
+
+def test_empty_stack(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError) as err:
+        read_stack(tmp_path / "empty")
+    assert "empty stack" in one_line(err)
+    tifffile.imwrite(tmp_path / "zero.tif", np.zeros((0, 8, 8), np.uint8), photometric="minisblack")
+    with pytest.raises(DataError, match="empty stack|no slices"):
+        read_stack(tmp_path / "zero.tif")
+
+
+def test_labels_with_other_values(tmp_path):
+    tifffile.imwrite(tmp_path / "img.tif", np.zeros((2, 8, 8), np.uint8), photometric="minisblack")
+    tifffile.imwrite(tmp_path / "lab.tif", np.full((2, 8, 8), 128, np.uint8), photometric="minisblack")
+    with pytest.raises(DataError) as err:
+        load_labelled_stack(tmp_path / "img.tif", tmp_path / "lab.tif")
+    assert "lab.tif: label values {128}" in one_line(err)
+
+
+def test_image_and_label_shapes_differ(tmp_path):
+    tifffile.imwrite(tmp_path / "img.tif", np.zeros((2, 8, 8), np.uint8), photometric="minisblack")
+    tifffile.imwrite(tmp_path / "lab.tif", np.zeros((3, 8, 8), np.uint8), photometric="minisblack")
+    with pytest.raises(DataError) as err:
+        load_labelled_stack(tmp_path / "img.tif", tmp_path / "lab.tif")
+    assert "label shape (3, 8, 8) differs from image shape (2, 8, 8)" in one_line(err)
+
+
+def test_slices_smaller_than_patch():
+    images, targets = synthetic(size=64)
+    with pytest.raises(DataError) as err:
+        training_dataset(images, targets, patch_size=128)
+    assert "patch size 128 px is larger than the slices (64 x 64 px)" in one_line(err)
+    with pytest.raises(DataError):
+        validation_dataset(images, targets, patch_size=128)
+
+
+# ------------------------------------------------------------------ split and pipeline
+
+def test_split_is_contiguous_block():
+    train, val = split_slices(20, val_slices=(15, 19))
+    assert val.tolist() == [15, 16, 17, 18, 19] and train.tolist() == list(range(15))
+    train, val = split_slices(20, val_fraction=0.2)
+    assert val.tolist() == [16, 17, 18, 19]
+    assert parse_slice_range("15-19") == (15, 19) and parse_slice_range("3") == (3, 3)
+    with pytest.raises(DataError, match="outside the stack's slices 0-19"):
+        split_slices(20, val_slices=(18, 25))
+    with pytest.raises(ValueError):
+        parse_slice_range("19-15")
+
+
+def batches(dataset, n):
+    return [tuple(t.numpy() for t in batch) for batch in dataset.take(n)]
+
+
+def test_training_dataset_shapes_and_reproducible():
+    images, targets = synthetic()
+    config = AugmentConfig()
+    first = batches(training_dataset(images, targets, patch_size=32, batch_size=3, seed=5, augment=config), 3)
+    again = batches(training_dataset(images, targets, patch_size=32, batch_size=3, seed=5, augment=config), 3)
+    other = batches(training_dataset(images, targets, patch_size=32, batch_size=3, seed=6, augment=config), 3)
+    assert first[0][0].shape == (3, 32, 32, 1) and first[0][1].shape == (3, 32, 32, 1)
+    for (a, b), (c, d) in zip(first, again):
+        assert np.array_equal(a, c) and np.array_equal(b, d)
+    assert not np.array_equal(first[0][0], other[0][0])
+    assert not np.array_equal(first[0][0], first[1][0])
+
+
+def test_unaugmented_crops_come_from_the_stack():
+    images, targets = synthetic(n=2, size=48)
+    for image_batch, target_batch in batches(training_dataset(images, targets, patch_size=16, batch_size=4), 2):
+        for image, target in zip(image_batch[..., 0], target_batch[..., 0]):
+            assert np.array_equal(target, (image > 0.7).astype(np.float32))
+            windows = np.lib.stride_tricks.sliding_window_view(images, (16, 16), axis=(1, 2))
+            assert (windows == image).all(axis=(-1, -2)).any()
+
+
+def test_extra_target_channels_travel_with_the_mask():
+    images, targets = synthetic()
+    weights = np.stack([targets, 1 + targets], axis=-1)
+    image_batch, target_batch = batches(training_dataset(images, weights, patch_size=32, batch_size=2, augment=AugmentConfig()), 1)[0]
+    assert target_batch.shape == (2, 32, 32, 2)
+    assert np.array_equal(target_batch[..., 1], 1 + target_batch[..., 0])
+
+
+def test_validation_crops_cover_every_slice():
+    images, targets = synthetic(n=2, size=80)
+    crops = batches(validation_dataset(images, targets, patch_size=32, batch_size=4), 100)
+    image_crops = np.concatenate([b[0] for b in crops])
+    assert image_crops.shape == (2 * 3 * 3, 32, 32, 1)  # origins 0, 32, 48 on each axis
+    assert np.array_equal(image_crops[0, ..., 0], images[0, :32, :32])
+    assert np.array_equal(image_crops[8, ..., 0], images[0, 48:, 48:])

@@ -1,0 +1,30 @@
+import keras
+import numpy as np
+import tensorflow as tf
+
+from em_unet.augment import AugmentConfig
+from em_unet.model import build_unet
+from em_unet.train import StepAugmentedModel
+from tests.test_augment import PY_OPS
+
+
+def test_augmentation_inside_the_training_step():
+    """The accelerator placement, exercised on the CPU: augmentation runs in the compiled train step."""
+    keras.utils.set_random_seed(0)
+    unet = build_unet(depth=2, base_filters=4)
+    model = StepAugmentedModel(unet, AugmentConfig(), seed=3)
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="binary_crossentropy")
+    rng = np.random.default_rng(0)
+    images = rng.random((4, 32, 32, 1), dtype=np.float32)
+    masks = (images > 0.5).astype(np.float32)
+    history = model.fit(images, masks, batch_size=2, epochs=2, verbose=0)
+    assert len(history.history["loss"]) == 2 and np.isfinite(history.history["loss"]).all()
+    spec = tf.TensorSpec([2, 32, 32, 1], tf.float32)
+    graph = tf.function(model.train_step).get_concrete_function((spec, spec)).graph
+    ops = {op.type for op in graph.get_operations()}
+    for function in graph.as_graph_def().library.function:
+        ops |= {node.op for node in function.node_def}
+    assert {"StatelessRandomNormalV2", "GatherV2"} <= ops
+    assert not ops & PY_OPS
+    # inference goes through the inner U-Net unchanged
+    assert np.allclose(model.predict(images, verbose=0), unet.predict(images, verbose=0))
