@@ -33,6 +33,37 @@ def add_augment_args(parser: argparse.ArgumentParser) -> None:
                        help="rotations drawn from +-DEG degrees (default 180)")
 
 
+def add_training_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("training")
+    group.add_argument("--val-slices", metavar="FIRST-LAST",
+                       help="contiguous validation slices, e.g. 15-19 (default: the last quarter)")
+    group.add_argument("--val-fraction", type=float, help="fraction of slices taken from the end for validation")
+    group.add_argument("--depth", type=int, default=4, help="contracting levels of the U-Net (default 4)")
+    group.add_argument("--base-filters", type=int, default=32, help="filters of the first level (default 32)")
+    group.add_argument("--batch-norm", action="store_true", help="batch normalisation after each convolution")
+    group.add_argument("--patch-size", type=int, default=256, metavar="PX", help="training crop side (default 256)")
+    group.add_argument("--batch-size", type=int, default=4, help="crops per batch (default 4)")
+    group.add_argument("--epochs", type=int, default=40, help="epochs (default 40)")
+    group.add_argument("--steps-per-epoch", type=int, help="batches per epoch (default: the training area once)")
+    group.add_argument("--optimizer", choices=("sgd", "adam", "adamax"), default="adam", help="default adam")
+    group.add_argument("--lr", type=float, default=1e-4, help="learning rate (default 1e-4)")
+    group.add_argument("--momentum", type=float, default=0.0, help="SGD momentum (default 0: plain SGD)")
+    group.add_argument("--loss", choices=("bce", "dice", "bce_dice", "weighted_bce"), default="bce",
+                       help="weighted_bce: the U-Net paper's border-weighted cross-entropy (default bce)")
+    group.add_argument("--no-augment", action="store_true", help="train on raw crops")
+    group.add_argument("--augment-placement", choices=("auto", "pipeline", "step"), default="auto",
+                       help="augment in the tf.data pipeline or the training step (auto: step on GPU)")
+    group.add_argument("--precision", choices=("auto", "float32", "mixed_bfloat16", "mixed_float16"),
+                       default="auto", help="auto: bfloat16 where the CPU/GPU supports it, else float32")
+    group.add_argument("--early-stopping", type=int, default=0, metavar="EPOCHS",
+                       help="stop after this many epochs without val_loss improvement (default 0: off)")
+    group.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    group.add_argument("--run-name", help="name of the run folder under --logs-dir (default: train-<time>)")
+    group.add_argument("--logs-dir", default="logs", help="default: logs")
+    group.add_argument("--models-dir", default="saved_models", help="default: saved_models")
+    group.add_argument("--model-name", default="em_unet", help="exported as MODELS_DIR/NAME/<version> (default em_unet)")
+
+
 def augment_config_from_args(args):
     from em_unet.augment import AugmentConfig
 
@@ -57,6 +88,70 @@ def cmd_augment_preview(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from em_unet.data import parse_slice_range
+    from em_unet.train import TrainConfig, train
+
+    config = TrainConfig(
+        data=args.data, labels=args.labels, label_convention=args.label_convention,
+        val_slices=parse_slice_range(args.val_slices) if args.val_slices else None, val_fraction=args.val_fraction,
+        depth=args.depth, base_filters=args.base_filters, batch_norm=args.batch_norm, patch_size=args.patch_size,
+        batch_size=args.batch_size, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
+        optimizer=args.optimizer, learning_rate=args.lr, momentum=args.momentum, loss=args.loss,
+        augment=not args.no_augment, augment_placement=args.augment_placement,
+        elastic_backend=args.elastic_backend, precision=args.precision, early_stopping=args.early_stopping,
+        seed=args.seed, run_name=args.run_name, logs_dir=args.logs_dir, models_dir=args.models_dir,
+        model_name=args.model_name,
+    )
+    result = train(config, verbose=1 if sys.stdout.isatty() else 2)
+    scores = result["scores"]
+    print(f"validation: V_rand {scores['v_rand']:.4f}, V_info {scores['v_info']:.4f}, "
+          f"pixel error {scores['pixel_error']:.4f}")
+    print(f"run folder (config, history, TensorBoard logs): {result['run_dir']}")
+    print(f"best model: {result['best_model']}")
+    print(f"SavedModel for TF Serving: {result['export_dir']}")
+    print(f"watch it: tensorboard --logdir {args.logs_dir}")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from em_unet.predict import predict_file
+
+    path = predict_file(args.model, args.stack, args.output, tile=args.tile, margin=args.margin,
+                        overlap=args.overlap, tile_batch=args.tile_batch, tta=args.tta, binary=args.binary,
+                        isbi=args.isbi, overwrite=args.overwrite)
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    import json
+
+    from em_unet.data import load_image_stack, membrane_target, read_stack
+    from em_unet.errors import DataError
+    from em_unet.metrics import evaluate_stack
+    from em_unet.outputs import atomic_output, check_writable
+
+    if args.output:
+        check_writable(args.output, args.overwrite)
+    probability = load_image_stack(args.prediction)
+    if args.isbi:
+        probability = 1.0 - probability
+    labels = read_stack(args.labels)
+    if labels.shape != probability.shape:
+        raise DataError(f"{args.labels}: label shape {labels.shape} differs from prediction shape "
+                        f"{probability.shape} of {args.prediction}")
+    scores = evaluate_stack(probability, membrane_target(labels, args.label_convention, str(args.labels)))
+    print(f"V_rand      {scores['v_rand']:.4f}  (threshold {scores['v_rand_threshold']:.1f})")
+    print(f"V_info      {scores['v_info']:.4f}  (threshold {scores['v_info_threshold']:.1f})")
+    print(f"pixel error {scores['pixel_error']:.4f}  (threshold {scores['pixel_error_threshold']:.1f})")
+    if args.output:
+        with atomic_output(args.output, args.overwrite) as tmp:
+            tmp.write_text(json.dumps(scores, indent=2))
+        print(f"wrote {args.output}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="em-unet",
@@ -78,6 +173,48 @@ def build_parser() -> argparse.ArgumentParser:
     preview.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     add_augment_args(preview)
     preview.set_defaults(func=cmd_augment_preview)
+
+    train = commands.add_parser(
+        "train", help="train a U-Net, score it on the validation slices and export it for TF Serving",
+        description="Train a U-Net on an EM stack; TensorBoard logs and the run's configuration go to "
+                    "logs/<run>/, the best model (lowest val_loss) is exported to saved_models/<name>/<version>/.",
+    )
+    add_data_args(train)
+    add_training_args(train)
+    add_augment_args(train)
+    train.set_defaults(func=cmd_train)
+
+    predict = commands.add_parser(
+        "predict", help="membrane probabilities of a stack (any slice size) as a float32 TIFF",
+        description="Predict a stack with overlap-tile prediction and write a TIFF stack that opens in Fiji.",
+    )
+    predict.add_argument("model", help="SavedModel folder (a version, or its parent: newest version) or .keras file")
+    predict.add_argument("stack", help="EM stack to segment")
+    predict.add_argument("-o", "--output", required=True, help="TIFF to write")
+    predict.add_argument("--tile", type=int, default=256, metavar="PX", help="tile side in pixels (default 256)")
+    predict.add_argument("--margin", type=int, default=32, metavar="PX",
+                         help="context border of each tile, not used for output (default 32)")
+    predict.add_argument("--overlap", type=int, default=16, metavar="PX",
+                         help="pixels over which neighbouring tiles are blended (default 16)")
+    predict.add_argument("--tile-batch", type=int, default=4, metavar="N", help="tiles per forward pass (default 4)")
+    predict.add_argument("--tta", action="store_true", help="average the 8 flips/rotations (8x slower)")
+    predict.add_argument("--binary", action="store_true", help="write uint8 0/255 thresholded at 0.5")
+    predict.add_argument("--isbi", action="store_true",
+                         help="ISBI 2012 submission convention: 1 (or 255) = cell interior")
+    predict.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    predict.set_defaults(func=cmd_predict)
+
+    evaluate = commands.add_parser(
+        "evaluate", help="ISBI 2012 scores (V_rand, V_info, pixel error) of a prediction",
+        description="Score a membrane-probability stack against labels as the ISBI 2012 challenge does.",
+    )
+    evaluate.add_argument("prediction", help="membrane-probability TIFF stack (from em-unet predict)")
+    evaluate.add_argument("labels", help="label stack of the same shape")
+    evaluate.add_argument("--isbi", action="store_true", help="the prediction is in the ISBI convention (1 = cell)")
+    evaluate.add_argument("--label-convention", choices=("auto", "isbi", "mask"), default="auto")
+    evaluate.add_argument("-o", "--output", help="JSON file to write the scores to")
+    evaluate.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    evaluate.set_defaults(func=cmd_evaluate)
     return parser
 
 

@@ -1,11 +1,25 @@
-"""Training: where augmentation runs, and (later) the training loop itself."""
+"""Training: configuration, the loop, where augmentation runs, and what a run leaves behind."""
 
 from __future__ import annotations
 
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
 import keras
+import numpy as np
 import tensorflow as tf
 
-from em_unet.augment import AugmentConfig, augment_batch
+from em_unet.augment import AugmentConfig, augment_batch, resolve_placement
+from em_unet.data import check_patch_size, load_labelled_stack, split_slices, training_dataset, validation_dataset
+from em_unet.errors import EmUnetError
+from em_unet.export import export_saved_model
+from em_unet.losses import border_weight_map, get_loss, metrics
+from em_unet.metrics import evaluate_stack
+from em_unet.model import build_unet, check_input_size
+from em_unet.outputs import check_writable
+from em_unet.predict import predict_stack
 
 
 class StepAugmentedModel(keras.Model):
@@ -30,3 +44,188 @@ class StepAugmentedModel(keras.Model):
         seed = tf.stack([tf.constant(self.augment_seed, tf.int64), step])
         images, targets = augment_batch(images, targets, seed, self.augment)
         return super().train_step((images, targets) + tuple(data[2:]))
+
+
+OPTIMIZERS = ("sgd", "adam", "adamax")
+PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on; written to ``<run dir>/config.json``.
+
+    Sizes in pixels; ``val_slices`` is an inclusive (first, last) slice range.
+    """
+
+    data: str
+    labels: str
+    label_convention: str = "auto"
+    val_slices: tuple[int, int] | None = None
+    val_fraction: float | None = None
+    depth: int = 4
+    base_filters: int = 32
+    batch_norm: bool = False
+    patch_size: int = 256
+    batch_size: int = 4
+    epochs: int = 40
+    steps_per_epoch: int | None = None
+    optimizer: str = "adam"
+    learning_rate: float = 1e-4
+    momentum: float = 0.0
+    loss: str = "bce"
+    augment: bool = True
+    augment_placement: str = "auto"
+    elastic_backend: str = "tensorflow"
+    precision: str = "auto"
+    early_stopping: int = 0
+    seed: int = 0
+    run_name: str | None = None
+    logs_dir: str = "logs"
+    models_dir: str = "saved_models"
+    model_name: str = "em_unet"
+
+    def __post_init__(self):
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.val_slices is not None:
+            self.val_slices = tuple(self.val_slices)
+
+
+def resolve_precision(precision: str) -> str:
+    """``auto``: bfloat16 on CPUs with AMX or AVX512-BF16 and on GPUs of compute capability >= 8,
+    float16 on older GPUs, float32 otherwise."""
+    if precision != "auto":
+        return precision
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        capability = tf.config.experimental.get_device_details(gpus[0]).get("compute_capability", (0, 0))
+        return "mixed_bfloat16" if capability >= (8, 0) else "mixed_float16"
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "float32"
+    return "mixed_bfloat16" if ("amx_bf16" in flags or "avx512_bf16" in flags) else "float32"
+
+
+def make_optimizer(name: str, learning_rate: float, momentum: float = 0.0) -> keras.optimizers.Optimizer:
+    if name == "sgd":
+        return keras.optimizers.SGD(learning_rate, momentum=momentum)
+    if name == "adam":
+        return keras.optimizers.Adam(learning_rate)
+    if name == "adamax":
+        return keras.optimizers.Adamax(learning_rate)
+    raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")
+
+
+def default_steps_per_epoch(train_shape, patch_size: int, batch_size: int) -> int:
+    """Enough batches to cover the training slices' area once per epoch."""
+    n, height, width = train_shape[:3]
+    return max(1, round(n * height * width / (patch_size * patch_size * batch_size)))
+
+
+@dataclass
+class PreparedData:
+    train_images: np.ndarray
+    train_targets: np.ndarray
+    val_images: np.ndarray
+    val_targets: np.ndarray
+    train_slices: np.ndarray
+    val_slices: np.ndarray
+
+
+def prepare_data(config: TrainConfig) -> PreparedData:
+    """Read, split, and (for the border-weighted loss) attach weight maps as target channel 1."""
+    images, targets = load_labelled_stack(config.data, config.labels, config.label_convention)
+    train_slices, val_slices = split_slices(len(images), config.val_slices, config.val_fraction)
+    check_patch_size(images.shape, config.patch_size)
+    check_input_size(config.patch_size, config.patch_size, config.depth)
+    if config.loss == "weighted_bce":
+        weights = np.stack([border_weight_map(t) for t in targets])
+        targets = np.stack([targets, weights], axis=-1)
+    return PreparedData(images[train_slices], targets[train_slices], images[val_slices], targets[val_slices],
+                        train_slices, val_slices)
+
+
+def new_run_dir(logs_dir: str | Path, run_name: str | None, prefix: str = "train") -> Path:
+    """A fresh ``logs/<run>/``; an existing run is never reused."""
+    name = run_name or f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = Path(logs_dir) / name
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise EmUnetError(f"{run_dir} already exists: choose another --run-name")
+    check_writable(run_dir / "config.json")
+    return run_dir
+
+
+def validation_scores(model: keras.Model, images: np.ndarray, targets: np.ndarray, tile: int) -> dict:
+    """ISBI scores of ``model`` on whole validation slices (overlap-tile prediction)."""
+    serve = tf.function(lambda x: model(x, training=False))
+    predictor = lambda tiles: serve(tf.constant(tiles)).numpy()  # noqa: E731
+    probabilities = np.stack(list(predict_stack(predictor, images, tile=tile, margin=tile // 8, overlap=tile // 16)))
+    membrane = targets[..., 0] if targets.ndim == 4 else targets
+    scores = evaluate_stack(probabilities, membrane)
+    scores.pop("per_threshold")
+    return scores
+
+
+def train(config: TrainConfig, verbose: int = 1) -> dict:
+    """Train a U-Net, keep the best ``val_loss`` checkpoint, score it, export it; return where things went.
+
+    Writes ``logs/<run>/`` (config.json, TensorBoard events, best.keras,
+    history.csv, scores.json) and ``saved_models/<model_name>/<version>/``.
+    """
+    run_dir = new_run_dir(config.logs_dir, config.run_name)
+    data = prepare_data(config)
+    steps = config.steps_per_epoch or default_steps_per_epoch(data.train_images.shape, config.patch_size,
+                                                             config.batch_size)
+    precision = resolve_precision(config.precision)
+    keras.mixed_precision.set_global_policy(precision)
+    keras.utils.set_random_seed(config.seed)
+    augment = AugmentConfig(elastic_backend=config.elastic_backend) if config.augment else None
+    placement = resolve_placement(config.augment_placement)
+    train_data = training_dataset(data.train_images, data.train_targets, config.patch_size, config.batch_size,
+                                  config.seed, augment if placement == "pipeline" else None)
+    val_data = validation_dataset(data.val_images, data.val_targets, config.patch_size, config.batch_size)
+
+    unet = build_unet(config.depth, config.base_filters, batch_norm=config.batch_norm)
+    model = StepAugmentedModel(unet, augment, config.seed) if augment and placement == "step" else unet
+    model.compile(optimizer=make_optimizer(config.optimizer, config.learning_rate, config.momentum),
+                  loss=get_loss(config.loss), metrics=metrics())
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    record = {**asdict(config), "resolved_precision": precision, "augment_placement_used": placement,
+              "steps_per_epoch_used": steps, "train_slices": data.train_slices.tolist(),
+              "val_slices_used": data.val_slices.tolist(), "augment_config": augment.to_dict() if augment else None}
+    (run_dir / "config.json").write_text(json.dumps(record, indent=2))
+    best_path = run_dir / "best.keras"
+    callbacks = [
+        keras.callbacks.TensorBoard(log_dir=str(run_dir)),
+        BestUnetCheckpoint(unet, best_path),
+        keras.callbacks.CSVLogger(str(run_dir / "history.csv")),
+    ]
+    if config.early_stopping:
+        callbacks.append(keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.early_stopping))
+    model.fit(train_data, epochs=config.epochs, steps_per_epoch=steps, validation_data=val_data, shuffle=False,
+              callbacks=callbacks, verbose=verbose)
+
+    best = keras.saving.load_model(best_path, compile=False)
+    scores = validation_scores(best, data.val_images, data.val_targets, tile=config.patch_size)
+    (run_dir / "scores.json").write_text(json.dumps(scores, indent=2))
+    keras.mixed_precision.set_global_policy("float32")
+    export_dir = export_saved_model(best, config.model_name, config.models_dir)
+    return {"run_dir": run_dir, "best_model": best_path, "export_dir": export_dir, "scores": scores}
+
+
+class BestUnetCheckpoint(keras.callbacks.Callback):
+    """Saves the U-Net itself (not a training wrapper around it) whenever ``val_loss`` improves."""
+
+    def __init__(self, unet: keras.Model, path: Path):
+        super().__init__()
+        self.unet, self.path, self.best = unet, path, np.inf
+
+    def on_epoch_end(self, epoch, logs=None):
+        loss = (logs or {}).get("val_loss", np.inf)
+        if loss < self.best:
+            self.best = loss
+            self.unet.save(self.path)
