@@ -8,7 +8,6 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["em_unet", "em_unet.*"]),
-    package_data={"em_unet": ["tuning/*.toml"]},
     install_requires=[
         "keras-tuner>=1.4",
         "tensorboard",
@@ -19,6 +18,7 @@ setup(
         "scikit-image",
         "numpy>=2",
         "tqdm",
+        "tomli; python_version < '3.11'",
     ],
     extras_require={
         "cpu": ["tensorflow-cpu>=2.16"],

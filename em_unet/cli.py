@@ -88,11 +88,11 @@ def cmd_augment_preview(args) -> int:
     return 0
 
 
-def cmd_train(args) -> int:
+def train_config_from_args(args):
     from em_unet.data import parse_slice_range
-    from em_unet.train import TrainConfig, train
+    from em_unet.train import TrainConfig
 
-    config = TrainConfig(
+    return TrainConfig(
         data=args.data, labels=args.labels, label_convention=args.label_convention,
         val_slices=parse_slice_range(args.val_slices) if args.val_slices else None, val_fraction=args.val_fraction,
         depth=args.depth, base_filters=args.base_filters, batch_norm=args.batch_norm, patch_size=args.patch_size,
@@ -103,12 +103,35 @@ def cmd_train(args) -> int:
         seed=args.seed, run_name=args.run_name, logs_dir=args.logs_dir, models_dir=args.models_dir,
         model_name=args.model_name,
     )
-    result = train(config, verbose=1 if sys.stdout.isatty() else 2)
+
+
+def cmd_train(args) -> int:
+    from em_unet.train import train
+
+    result = train(train_config_from_args(args), verbose=1 if sys.stdout.isatty() else 2)
     scores = result["scores"]
     print(f"validation: V_rand {scores['v_rand']:.4f}, V_info {scores['v_info']:.4f}, "
           f"pixel error {scores['pixel_error']:.4f}")
     print(f"run folder (config, history, TensorBoard logs): {result['run_dir']}")
     print(f"best model: {result['best_model']}")
+    print(f"SavedModel for TF Serving: {result['export_dir']}")
+    print(f"watch it: tensorboard --logdir {args.logs_dir}")
+    return 0
+
+
+def cmd_tune(args) -> int:
+    from em_unet.tune import tune
+
+    result = tune(train_config_from_args(args), search_space=args.search_space, algorithm=args.tuner,
+                  max_trials=args.max_trials, max_epochs=args.max_epochs, project=args.project,
+                  overwrite=args.overwrite, verbose=1 if sys.stdout.isatty() else 2)
+    columns = list(dict.fromkeys(key for row in result["rows"] for key in row))
+    print("  ".join(f"{c:>14s}" for c in columns))
+    for row in result["rows"]:
+        print("  ".join(f"{row.get(c, ''):>14.4g}" if isinstance(row.get(c), float) else f"{str(row.get(c, '')):>14s}"
+                        for c in columns))
+    print(f"best hyperparameters: {result['best_hyperparameters']}")
+    print(f"results table: {result['run_dir'] / 'results.csv'}")
     print(f"SavedModel for TF Serving: {result['export_dir']}")
     print(f"watch it: tensorboard --logdir {args.logs_dir}")
     return 0
@@ -183,6 +206,23 @@ def build_parser() -> argparse.ArgumentParser:
     add_training_args(train)
     add_augment_args(train)
     train.set_defaults(func=cmd_train)
+
+    tune = commands.add_parser(
+        "tune", help="KerasTuner search over optimizer, learning rate (and depth, augmentation)",
+        description="Search hyperparameters with KerasTuner; re-running the same command resumes. "
+                    "Trials and TensorBoard logs go to logs/tune/<project>/, the best model to saved_models/.",
+    )
+    add_data_args(tune)
+    add_training_args(tune)
+    add_augment_args(tune)
+    tune.add_argument("--search-space", metavar="TOML", help="search space file (default: tuning/default.toml)")
+    tune.add_argument("--tuner", choices=("hyperband", "bayesian", "random", "grid"),
+                      help="search algorithm (default: from the TOML, hyperband)")
+    tune.add_argument("--max-trials", type=int, help="trials for bayesian/random/grid (default: from the TOML)")
+    tune.add_argument("--max-epochs", type=int, help="epochs of the longest trial (default: from the TOML)")
+    tune.add_argument("--project", default="default", help="name of the search under logs/tune/ (default: default)")
+    tune.add_argument("--overwrite", action="store_true", help="start the search anew instead of resuming")
+    tune.set_defaults(func=cmd_tune)
 
     predict = commands.add_parser(
         "predict", help="membrane probabilities of a stack (any slice size) as a float32 TIFF",
