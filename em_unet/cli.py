@@ -65,15 +65,11 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
 
 
 def augment_config_from_args(args):
-    from em_unet.augment import AugmentConfig
+    from em_unet.train import TrainConfig
 
-    return AugmentConfig(
-        rotation_degrees=args.rotation,
-        elastic=args.elastic_sigma > 0,
-        elastic_sigma_px=args.elastic_sigma,
-        elastic_points=args.elastic_points,
-        elastic_backend=args.elastic_backend,
-    )
+    return TrainConfig(data=args.data, labels=args.labels, elastic_backend=args.elastic_backend,
+                       elastic_sigma_px=args.elastic_sigma, elastic_points=args.elastic_points,
+                       rotation_degrees=args.rotation).augment_config()
 
 
 def cmd_augment_preview(args) -> int:
@@ -99,7 +95,8 @@ def train_config_from_args(args):
         batch_size=args.batch_size, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
         optimizer=args.optimizer, learning_rate=args.lr, momentum=args.momentum, loss=args.loss,
         augment=not args.no_augment, augment_placement=args.augment_placement,
-        elastic_backend=args.elastic_backend, precision=args.precision, early_stopping=args.early_stopping,
+        elastic_backend=args.elastic_backend, elastic_sigma_px=args.elastic_sigma,
+        elastic_points=args.elastic_points, rotation_degrees=args.rotation, precision=args.precision, early_stopping=args.early_stopping,
         seed=args.seed, run_name=args.run_name, logs_dir=args.logs_dir, models_dir=args.models_dir,
         model_name=args.model_name,
     )

@@ -76,6 +76,9 @@ class TrainConfig:
     augment: bool = True
     augment_placement: str = "auto"
     elastic_backend: str = "tensorflow"
+    elastic_sigma_px: float = 10.0
+    elastic_points: int = 3
+    rotation_degrees: float = 180.0
     precision: str = "auto"
     early_stopping: int = 0
     seed: int = 0
@@ -91,6 +94,15 @@ class TrainConfig:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.val_slices is not None:
             self.val_slices = tuple(self.val_slices)
+
+
+    def augment_config(self) -> AugmentConfig | None:
+        """The augmentation this run trains with, or None when ``augment`` is off."""
+        if not self.augment:
+            return None
+        return AugmentConfig(rotation_degrees=self.rotation_degrees, elastic=self.elastic_sigma_px > 0,
+                             elastic_sigma_px=self.elastic_sigma_px, elastic_points=self.elastic_points,
+                             elastic_backend=self.elastic_backend)
 
 
 def resolve_precision(precision: str) -> str:
@@ -182,7 +194,7 @@ def train(config: TrainConfig, verbose: int = 1) -> dict:
     precision = resolve_precision(config.precision)
     keras.mixed_precision.set_global_policy(precision)
     keras.utils.set_random_seed(config.seed)
-    augment = AugmentConfig(elastic_backend=config.elastic_backend) if config.augment else None
+    augment = config.augment_config()
     placement = resolve_placement(config.augment_placement)
     train_data = training_dataset(data.train_images, data.train_targets, config.patch_size, config.batch_size,
                                   config.seed, augment if placement == "pipeline" else None)

@@ -19,7 +19,6 @@ from pathlib import Path
 import keras
 import keras_tuner as kt
 
-from em_unet.augment import AugmentConfig
 from em_unet.data import training_dataset, validation_dataset
 from em_unet.errors import EmUnetError
 from em_unet.export import export_saved_model
@@ -92,7 +91,7 @@ class UnetHyperModel(kt.HyperModel):
         augment = self._choice(hp, "augment", self.base.augment)
         base = self.base
         train = training_dataset(self.data.train_images, self.data.train_targets, base.patch_size, base.batch_size,
-                                 base.seed, AugmentConfig() if augment else None)
+                                 base.seed, dataclasses.replace(base, augment=augment).augment_config())
         val = validation_dataset(self.data.val_images, self.data.val_targets, base.patch_size, base.batch_size)
         steps = base.steps_per_epoch or default_steps_per_epoch(self.data.train_images.shape, base.patch_size,
                                                                 base.batch_size)

@@ -28,3 +28,13 @@ def test_augmentation_inside_the_training_step():
     assert not ops & PY_OPS
     # inference goes through the inner U-Net unchanged
     assert np.allclose(model.predict(images, verbose=0), unet.predict(images, verbose=0))
+
+
+def test_config_carries_the_augmentation_flags():
+    from em_unet.train import TrainConfig
+
+    config = TrainConfig(data="d", labels="l", elastic_sigma_px=4.0, elastic_points=5, rotation_degrees=15.0)
+    augment = config.augment_config()
+    assert (augment.elastic_sigma_px, augment.elastic_points, augment.rotation_degrees) == (4.0, 5, 15.0)
+    assert TrainConfig(data="d", labels="l", elastic_sigma_px=0).augment_config().elastic is False
+    assert TrainConfig(data="d", labels="l", augment=False).augment_config() is None
