@@ -147,21 +147,12 @@ def cmd_predict(args) -> int:
 def cmd_evaluate(args) -> int:
     import json
 
-    from em_unet.data import load_image_stack, membrane_target, read_stack
-    from em_unet.errors import DataError
-    from em_unet.metrics import evaluate_stack
+    from em_unet.metrics import evaluate_files
     from em_unet.outputs import atomic_output, check_writable
 
     if args.output:
         check_writable(args.output, args.overwrite)
-    probability = load_image_stack(args.prediction)
-    if args.isbi:
-        probability = 1.0 - probability
-    labels = read_stack(args.labels)
-    if labels.shape != probability.shape:
-        raise DataError(f"{args.labels}: label shape {labels.shape} differs from prediction shape "
-                        f"{probability.shape} of {args.prediction}")
-    scores = evaluate_stack(probability, membrane_target(labels, args.label_convention, str(args.labels)))
+    scores = evaluate_files(args.prediction, args.labels, args.isbi, args.label_convention)
     print(f"V_rand      {scores['v_rand']:.4f}  (threshold {scores['v_rand_threshold']:.1f})")
     print(f"V_info      {scores['v_info']:.4f}  (threshold {scores['v_info_threshold']:.1f})")
     print(f"pixel error {scores['pixel_error']:.4f}  (threshold {scores['pixel_error_threshold']:.1f})")

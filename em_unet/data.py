@@ -193,14 +193,15 @@ def load_image_stack(path: str | Path) -> np.ndarray:
 
 
 def load_labelled_stack(
-    image_path: str | Path, label_path: str | Path, convention: str = "auto"
+    image_path: str | Path, label_path: str | Path, convention: str = "auto", kind: str = "image"
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Read an EM stack and its labels: float32 images in [0, 1] and float32 targets (1 = membrane)."""
+    """Read a stack (``kind``: an EM image, or a prediction) and its labels: float32 values in [0, 1]
+    and float32 targets (1 = membrane)."""
     images = load_image_stack(image_path)
     labels = read_stack(label_path)
     if labels.shape != images.shape:
         raise DataError(
-            f"{label_path}: label shape {labels.shape} differs from image shape {images.shape} of {image_path}"
+            f"{label_path}: label shape {labels.shape} differs from {kind} shape {images.shape} of {image_path}"
         )
     return images, membrane_target(labels, convention, source=str(label_path))
 

@@ -100,6 +100,16 @@ def thinned_proposal(membrane_probability: np.ndarray, threshold: float) -> np.n
     return watershed(membrane_probability, markers=seeds, connectivity=1, watershed_line=True)
 
 
+def evaluate_files(
+    prediction_path, label_path, isbi: bool = False, label_convention: str = "auto"
+) -> dict:
+    """:func:`evaluate_stack` on a probability TIFF (1 = membrane, or 1 = cell with ``isbi``) and a label stack."""
+    from em_unet.data import load_labelled_stack
+
+    probability, target = load_labelled_stack(prediction_path, label_path, label_convention, kind="prediction")
+    return evaluate_stack(1.0 - probability if isbi else probability, target)
+
+
 def evaluate_stack(
     membrane_probability: np.ndarray, membrane_target: np.ndarray, thresholds=THRESHOLDS
 ) -> dict:

@@ -59,6 +59,14 @@ def load_predictor(path: str | Path) -> Callable[[np.ndarray], np.ndarray]:
     return checked
 
 
+def keras_predictor(model) -> Callable[[np.ndarray], np.ndarray]:
+    """Tiles -> probabilities through a Keras model, traced once per tile shape."""
+    import tensorflow as tf
+
+    serve = tf.function(lambda x: model(x, training=False))
+    return lambda tiles: serve(tf.constant(tiles)).numpy()
+
+
 def _load(path: Path):
     import tensorflow as tf
 
@@ -67,9 +75,7 @@ def _load(path: Path):
 
         import em_unet.model  # noqa: F401  registers the custom layer
 
-        model = keras.saving.load_model(path, compile=False)
-        serve = tf.function(lambda x: model(x, training=False))
-        return lambda tiles: serve(tf.constant(tiles)).numpy()
+        return keras_predictor(keras.saving.load_model(path, compile=False))
     loaded = tf.saved_model.load(str(path))
     if "serving_default" not in loaded.signatures:
         raise EmUnetError(f"{path}: SavedModel has no serving_default signature")

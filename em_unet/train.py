@@ -19,7 +19,7 @@ from em_unet.losses import border_weight_map, get_loss, metrics
 from em_unet.metrics import evaluate_stack
 from em_unet.model import build_unet, check_input_size
 from em_unet.outputs import check_writable
-from em_unet.predict import predict_stack
+from em_unet.predict import keras_predictor, predict_stack
 
 
 class StepAugmentedModel(keras.Model):
@@ -172,9 +172,7 @@ def new_run_dir(logs_dir: str | Path, run_name: str | None, prefix: str = "train
 
 def validation_scores(model: keras.Model, images: np.ndarray, targets: np.ndarray, tile: int) -> dict:
     """ISBI scores of ``model`` on whole validation slices (overlap-tile prediction)."""
-    serve = tf.function(lambda x: model(x, training=False))
-    predictor = lambda tiles: serve(tf.constant(tiles)).numpy()  # noqa: E731
-    probabilities = np.stack(list(predict_stack(predictor, images, tile=tile, margin=tile // 8, overlap=tile // 16)))
+    probabilities = np.stack(list(predict_stack(keras_predictor(model), images, tile=tile, margin=tile // 8, overlap=tile // 16)))
     membrane = targets[..., 0] if targets.ndim == 4 else targets
     scores = evaluate_stack(probabilities, membrane)
     scores.pop("per_threshold")

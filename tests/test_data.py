@@ -45,7 +45,7 @@ def test_intensity_scaling():
     assert to_unit_range(np.array([[[0, 255]]], np.uint8)).tolist() == [[[0.0, 1.0]]]
     assert to_unit_range(np.array([[[0, 65535]]], np.uint16)).tolist() == [[[0.0, 1.0]]]
     floats = np.array([[[0.2, 0.4]]], np.float32)
-    assert to_unit_range(floats) is not None and np.allclose(to_unit_range(floats), floats)
+    assert np.allclose(to_unit_range(floats), floats)
     assert np.allclose(to_unit_range(np.array([[[-5.0, 5.0]]])), [[[0.0, 1.0]]])
     assert to_unit_range(np.zeros((1, 4, 4), np.uint8)).dtype == np.float32
 
