@@ -39,14 +39,14 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
                        help="contiguous validation slices, e.g. 15-19 (default: the last quarter)")
     group.add_argument("--val-fraction", type=float, help="fraction of slices taken from the end for validation")
     group.add_argument("--depth", type=int, default=4, help="contracting levels of the U-Net (default 4)")
-    group.add_argument("--base-filters", type=int, default=32, help="filters of the first level (default 32)")
+    group.add_argument("--base-filters", type=int, default=16, help="filters of the first level (default 16)")
     group.add_argument("--batch-norm", action="store_true", help="batch normalisation after each convolution")
     group.add_argument("--patch-size", type=int, default=256, metavar="PX", help="training crop side (default 256)")
     group.add_argument("--batch-size", type=int, default=4, help="crops per batch (default 4)")
     group.add_argument("--epochs", type=int, default=40, help="epochs (default 40)")
     group.add_argument("--steps-per-epoch", type=int, help="batches per epoch (default: the training area once)")
     group.add_argument("--optimizer", choices=("sgd", "adam", "adamax"), default="adam", help="default adam")
-    group.add_argument("--lr", type=float, default=1e-4, help="learning rate (default 1e-4)")
+    group.add_argument("--lr", type=float, default=3e-4, help="learning rate (default 3e-4)")
     group.add_argument("--momentum", type=float, default=0.0, help="SGD momentum (default 0: plain SGD)")
     group.add_argument("--loss", choices=("bce", "dice", "bce_dice", "weighted_bce"), default="bce",
                        help="weighted_bce: the U-Net paper's border-weighted cross-entropy (default bce)")
@@ -57,6 +57,8 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
                        default="auto", help="auto: bfloat16 where the CPU/GPU supports it, else float32")
     group.add_argument("--early-stopping", type=int, default=0, metavar="EPOCHS",
                        help="stop after this many epochs without val_loss improvement (default 0: off)")
+    group.add_argument("--max-minutes", type=float, metavar="MIN",
+                       help="stop before an epoch would end past this wall time (default: no limit)")
     group.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     group.add_argument("--run-name", help="name of the run folder under --logs-dir (default: train-<time>)")
     group.add_argument("--logs-dir", default="logs", help="default: logs")
@@ -97,6 +99,7 @@ def train_config_from_args(args):
         augment=not args.no_augment, augment_placement=args.augment_placement,
         elastic_backend=args.elastic_backend, elastic_sigma_px=args.elastic_sigma,
         elastic_points=args.elastic_points, rotation_degrees=args.rotation, precision=args.precision, early_stopping=args.early_stopping,
+        max_minutes=args.max_minutes,
         seed=args.seed, run_name=args.run_name, logs_dir=args.logs_dir, models_dir=args.models_dir,
         model_name=args.model_name,
     )

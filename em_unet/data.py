@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -55,11 +55,18 @@ class _TiffProblems(logging.Handler):
         self.messages.append(record.getMessage())
 
 
-def _read_tiff(path: Path) -> np.ndarray:
+def _iter_tiff(path: Path) -> Iterator[np.ndarray]:
+    """Slices of a TIFF one page at a time, so a long stack is never all in memory."""
     import tifffile
 
     problems = _TiffProblems()
     logger = logging.getLogger("tifffile")
+
+    def check_log():
+        if problems.messages:
+            first = problems.messages[0].replace("\n", " ")
+            raise DataError(f"{path}: the TIFF is truncated or corrupt ({first})")
+
     logger.addHandler(problems)
     try:
         with tifffile.TiffFile(path) as tif:
@@ -71,7 +78,22 @@ def _read_tiff(path: Path) -> np.ndarray:
                     f"{path}: {page.samplesperpixel} samples per pixel (RGB or multi-channel); "
                     "em-unet needs grayscale slices: convert the stack to 8- or 16-bit grayscale"
                 )
-            array = tif.asarray()
+            series = tif.series[0]
+            check_log()
+            if series.size == 0:
+                raise DataError(f"{path}: empty stack (shape {series.shape})")
+            if len(series.shape) not in (2, 3):
+                raise DataError(f"{path}: expected a grayscale stack (z, y, x), got shape {series.shape}")
+            pages = [p for p in series.pages if p is not None]
+            if len(series.shape) == 3 and len(pages) == series.shape[0]:
+                for page in pages:
+                    array = page.asarray()
+                    check_log()
+                    yield array
+            else:  # one slice, or slices packed without one page each
+                array = series.asarray()
+                check_log()
+                yield from (array[None] if array.ndim == 2 else array)
     except DataError:
         raise
     except tifffile.TiffFileError as err:
@@ -80,10 +102,6 @@ def _read_tiff(path: Path) -> np.ndarray:
         raise DataError(f"{path}: the TIFF is truncated or corrupt ({type(err).__name__}: {err})") from None
     finally:
         logger.removeHandler(problems)
-    if problems.messages:
-        first = problems.messages[0].replace("\n", " ")
-        raise DataError(f"{path}: the TIFF is truncated or corrupt ({first})")
-    return array
 
 
 def _read_png(path: Path) -> np.ndarray:
@@ -101,14 +119,8 @@ def _read_png(path: Path) -> np.ndarray:
     return array
 
 
-def _read_file(path: Path) -> np.ndarray:
-    if path.suffix.lower() == ".png":
-        return _read_png(path)
-    return _read_tiff(path)
-
-
-def read_stack(path: str | Path) -> np.ndarray:
-    """Read a stack as ``(z, y, x)`` in its stored dtype.
+def iter_slices(path: str | Path) -> Iterator[np.ndarray]:
+    """Yield the 2-D slices of a stack in their stored dtype, one at a time.
 
     ``path`` is a multi-page TIFF, a single 2-D TIFF or PNG, or a folder of
     per-slice TIFF/PNG files in numeric order. Raises :class:`DataError` with a
@@ -121,36 +133,57 @@ def read_stack(path: str | Path) -> np.ndarray:
         files = sorted((p for p in path.iterdir() if p.suffix.lower() in SLICE_SUFFIXES), key=_natural_key)
         if not files:
             raise DataError(f"{path}: the folder holds no .tif/.tiff/.png slices (empty stack)")
-        slices = [_read_file(p) for p in files]
-        shapes = {s.shape for s in slices}
-        if len(shapes) > 1:
-            raise DataError(f"{path}: slices have different shapes {sorted(shapes)}")
-        for file, array in zip(files, slices):
-            if array.ndim != 2:
-                raise DataError(f"{file}: expected one 2-D grayscale slice, got shape {array.shape}")
-        stack = np.stack(slices)
     else:
-        stack = _read_file(path)
-    if stack.ndim == 2:
-        stack = stack[None]
+        files = [path]
+    first_shape = None
+    for file in files:
+        for array in _iter_tiff(file) if file.suffix.lower() != ".png" else [_read_png(file)]:
+            if array.ndim != 2:
+                raise DataError(f"{file}: expected 2-D grayscale slices, got shape {array.shape}")
+            if first_shape is None:
+                first_shape = array.shape
+            elif array.shape != first_shape:
+                raise DataError(f"{file}: slice shape {array.shape} differs from {first_shape} of {files[0]}")
+            yield array
+
+
+def read_stack(path: str | Path) -> np.ndarray:
+    """Read a whole stack as ``(z, y, x)`` in its stored dtype (see :func:`iter_slices`)."""
+    stack = np.stack(list(iter_slices(path)))
     if stack.size == 0:
         raise DataError(f"{path}: empty stack (shape {stack.shape})")
-    if stack.ndim != 3:
-        raise DataError(f"{path}: expected a grayscale stack (z, y, x), got shape {stack.shape}")
     return stack
 
 
-def to_unit_range(stack: np.ndarray) -> np.ndarray:
-    """Map intensities to float32 in [0, 1] (see the module docstring for the rule)."""
+def iter_image_slices(path: str | Path) -> Iterator[np.ndarray]:
+    """Yield float32 slices in [0, 1] one at a time, scaled as :func:`to_unit_range` scales the whole stack."""
+    first = next(iter_slices(path))
+    if first.dtype in (np.uint8, np.uint16, bool):
+        yield from (to_unit_range(s) for s in iter_slices(path))
+        return
+    low = high = None
+    for array in iter_slices(path):  # a first pass finds the stack's range
+        low = min(float(array.min()), low if low is not None else np.inf)
+        high = max(float(array.max()), high if high is not None else -np.inf)
+    yield from (to_unit_range(s, low, high) for s in iter_slices(path))
+
+
+def to_unit_range(stack: np.ndarray, low: float | None = None, high: float | None = None) -> np.ndarray:
+    """Map intensities to float32 in [0, 1] (see the module docstring for the rule).
+
+    ``low`` and ``high`` give the whole stack's range when ``stack`` is one slice of it.
+    """
     if stack.dtype == np.uint8:
         return stack.astype(np.float32) / 255.0
     if stack.dtype == np.uint16:
         return stack.astype(np.float32) / 65535.0
     if stack.dtype == bool:
         return stack.astype(np.float32)
+    is_float = np.issubdtype(stack.dtype, np.floating)
     stack = stack.astype(np.float32)
-    low, high = float(stack.min()), float(stack.max())
-    if np.issubdtype(stack.dtype, np.floating) and low >= 0.0 and high <= 1.0:
+    low = float(stack.min()) if low is None else low
+    high = float(stack.max()) if high is None else high
+    if is_float and low >= 0.0 and high <= 1.0:
         return stack
     return (stack - low) / (high - low) if high > low else np.zeros_like(stack)
 

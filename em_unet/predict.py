@@ -10,7 +10,7 @@ predicted and written one at a time.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -149,7 +149,7 @@ def predict_slice(
 
 def predict_stack(
     predictor: Callable[[np.ndarray], np.ndarray],
-    images: np.ndarray,
+    images: Iterable[np.ndarray],
     tile: int = 256,
     margin: int = 32,
     overlap: int = 16,
@@ -157,7 +157,7 @@ def predict_stack(
     tta: bool = False,
     progress: bool = False,
 ) -> Iterator[np.ndarray]:
-    """Yield the membrane probability of each slice of a float32 ``(z, y, x)`` stack in [0, 1]."""
+    """Yield the membrane probability of each float32 slice in [0, 1] of ``images`` (an array or an iterator)."""
     from tqdm import tqdm
 
     for image in tqdm(images, desc="predicting", unit="slice", disable=not progress):
@@ -186,12 +186,12 @@ def predict_file(
     """
     import tifffile
 
-    from em_unet.data import load_image_stack
+    from em_unet.data import iter_image_slices
     from em_unet.outputs import atomic_output, check_writable
 
-    check_writable(output_path, overwrite)
+    check_writable(output_path, overwrite)  # before the model loads: fail fast
     predictor = load_predictor(model_path)
-    images = load_image_stack(stack_path)
+    images = iter_image_slices(stack_path)  # a bad stack fails inside atomic_output, which then leaves nothing
     with atomic_output(output_path, overwrite) as tmp:
         with tifffile.TiffWriter(tmp, imagej=True) as writer:
             for probability in predict_stack(predictor, images, tile, margin, overlap, tile_batch, tta, progress):

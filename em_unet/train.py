@@ -55,6 +55,9 @@ class TrainConfig:
     """Everything a training run depends on; written to ``<run dir>/config.json``.
 
     Sizes in pixels; ``val_slices`` is an inclusive (first, last) slice range.
+    The defaults are the preset chosen by measurement on ISBI 2012 (README, "Quality"):
+    16 base filters and Adam 3e-4 beat 32 filters at the same wall time, because
+    they train about 3x as many epochs in it.
     """
 
     data: str
@@ -63,14 +66,14 @@ class TrainConfig:
     val_slices: tuple[int, int] | None = None
     val_fraction: float | None = None
     depth: int = 4
-    base_filters: int = 32
+    base_filters: int = 16
     batch_norm: bool = False
     patch_size: int = 256
     batch_size: int = 4
     epochs: int = 40
     steps_per_epoch: int | None = None
     optimizer: str = "adam"
-    learning_rate: float = 1e-4
+    learning_rate: float = 3e-4
     momentum: float = 0.0
     loss: str = "bce"
     augment: bool = True
@@ -81,6 +84,7 @@ class TrainConfig:
     rotation_degrees: float = 180.0
     precision: str = "auto"
     early_stopping: int = 0
+    max_minutes: float | None = None
     seed: int = 0
     run_name: str | None = None
     logs_dir: str = "logs"
@@ -214,6 +218,8 @@ def train(config: TrainConfig, verbose: int = 1) -> dict:
         BestUnetCheckpoint(unet, best_path),
         keras.callbacks.CSVLogger(str(run_dir / "history.csv")),
     ]
+    if config.max_minutes:
+        callbacks.append(TimeLimit(config.max_minutes))
     if config.early_stopping:
         callbacks.append(keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.early_stopping))
     model.fit(train_data, epochs=config.epochs, steps_per_epoch=steps, validation_data=val_data, shuffle=False,
@@ -225,6 +231,25 @@ def train(config: TrainConfig, verbose: int = 1) -> dict:
     keras.mixed_precision.set_global_policy("float32")
     export_dir = export_saved_model(best, config.model_name, config.models_dir)
     return {"run_dir": run_dir, "best_model": best_path, "export_dir": export_dir, "scores": scores}
+
+
+class TimeLimit(keras.callbacks.Callback):
+    """Ends training before the next epoch would run past ``minutes`` of wall time."""
+
+    def __init__(self, minutes: float):
+        super().__init__()
+        self.seconds = minutes * 60.0
+
+    def on_train_begin(self, logs=None):
+        self.start = self.epoch_start = time.monotonic()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch_start = time.monotonic()
+
+    def on_epoch_end(self, epoch, logs=None):
+        now = time.monotonic()
+        if now + (now - self.epoch_start) - self.start > self.seconds:
+            self.model.stop_training = True
 
 
 class BestUnetCheckpoint(keras.callbacks.Callback):

@@ -63,6 +63,10 @@ def load_search_space(path: str | Path | None = None) -> dict:
 class UnetHyperModel(kt.HyperModel):
     """Architecture and optimizer in ``build``; augmentation and batches in ``fit``."""
 
+    # Frees Keras' global state between trials. It does not stop the ~30 MB a new model's
+    # fit() keeps in TF 2.21 / Keras 3.15 (keras-team/keras#17458; benchmarks/tune_memory.py).
+    clear_session_between_trials = True
+
     def __init__(self, space: dict, base: TrainConfig, data, grid: bool = False):
         super().__init__(name="em_unet")
         self.space, self.base, self.data, self.grid = space, base, data, grid
@@ -72,7 +76,8 @@ class UnetHyperModel(kt.HyperModel):
         return hp.Choice(name, values) if values else default
 
     def build(self, hp):
-        keras.backend.clear_session()  # keeps memory flat across trials
+        if self.clear_session_between_trials:
+            keras.backend.clear_session()
         depth = self._choice(hp, "depth", self.base.depth)
         optimizer = hp.Choice("optimizer", self.space.get("optimizer", [self.base.optimizer]))
         rate = self.space.get("learning_rate")

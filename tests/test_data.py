@@ -204,3 +204,23 @@ def test_validation_crops_cover_every_slice():
     assert image_crops.shape == (2 * 3 * 3, 32, 32, 1)  # origins 0, 32, 48 on each axis
     assert np.array_equal(image_crops[0, ..., 0], images[0, :32, :32])
     assert np.array_equal(image_crops[8, ..., 0], images[0, 48:, 48:])
+
+
+def test_slices_are_read_one_at_a_time_with_the_stack_scaling(tmp_path):
+    from em_unet.data import iter_image_slices, iter_slices
+
+    stack = np.arange(3 * 4 * 5, dtype=np.int32).reshape(3, 4, 5) - 7
+    tifffile.imwrite(tmp_path / "s.tif", stack, photometric="minisblack")
+    assert [s.shape for s in iter_slices(tmp_path / "s.tif")] == [(4, 5)] * 3
+    slices = np.stack(list(iter_image_slices(tmp_path / "s.tif")))
+    assert np.allclose(slices, to_unit_range(stack))  # the whole stack's range, not each slice's
+    assert slices.min() == 0.0 and slices.max() == 1.0
+    tifffile.imwrite(tmp_path / "u8.tif", stack.astype(np.uint8) + 10, photometric="minisblack")
+    assert np.allclose(np.stack(list(iter_image_slices(tmp_path / "u8.tif"))), to_unit_range(read_stack(tmp_path / "u8.tif")))
+
+
+def test_folder_slices_of_different_shapes(tmp_path):
+    tifffile.imwrite(tmp_path / "1.tif", np.zeros((8, 8), np.uint8), photometric="minisblack")
+    tifffile.imwrite(tmp_path / "2.tif", np.zeros((8, 9), np.uint8), photometric="minisblack")
+    with pytest.raises(DataError, match=r"2.tif: slice shape \(8, 9\) differs from \(8, 8\)"):
+        read_stack(tmp_path)

@@ -38,3 +38,15 @@ def test_config_carries_the_augmentation_flags():
     assert (augment.elastic_sigma_px, augment.elastic_points, augment.rotation_degrees) == (4.0, 5, 15.0)
     assert TrainConfig(data="d", labels="l", elastic_sigma_px=0).augment_config().elastic is False
     assert TrainConfig(data="d", labels="l", augment=False).augment_config() is None
+
+
+def test_time_limit_ends_training_before_the_next_epoch():
+    from em_unet.train import TimeLimit
+
+    model = build_unet(depth=2, base_filters=4)
+    model.compile(optimizer="adam", loss="binary_crossentropy")
+    images = np.random.default_rng(0).random((4, 16, 16, 1), dtype=np.float32)
+    history = model.fit(images, (images > 0.5).astype(np.float32), epochs=5, verbose=0, callbacks=[TimeLimit(0.0)])
+    assert len(history.history["loss"]) == 1
+    history = model.fit(images, (images > 0.5).astype(np.float32), epochs=3, verbose=0, callbacks=[TimeLimit(60.0)])
+    assert len(history.history["loss"]) == 3
