@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -22,6 +21,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from em_unet.machine import machine_description  # noqa: E402
 from em_unet.augment import AugmentConfig, augment_batch, import_elasticdeform  # noqa: E402
 
 
@@ -81,8 +81,7 @@ def main() -> None:
         for name, dataset in candidates.items():
             best[name] = max(best[name], pairs_per_second(dataset, args.pairs))
 
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"TensorFlow {tf.__version__}, {args.size}x{args.size} px, parallel calls {args.parallel}")
+    print(f"machine: {machine_description()}; {args.size}x{args.size} px, parallel calls {args.parallel}")
     reference = best["elasticdeform.tf.deform_grid"]
     for name, rate in best.items():
         print(f"{name:34s} {rate:8.1f} pairs/s   {rate / reference:5.2f}x elasticdeform")

@@ -55,6 +55,10 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
                        help="augment in the tf.data pipeline or the training step (auto: step on GPU)")
     group.add_argument("--precision", choices=("auto", "float32", "mixed_bfloat16", "mixed_float16"),
                        default="auto", help="auto: bfloat16 where the CPU/GPU supports it, else float32")
+    group.add_argument("--strategy", choices=("auto", "one-device", "mirrored", "multi-worker"), default="auto",
+                       help="tf.distribute strategy: mirrored = all local GPUs; multi-worker = the cluster in "
+                            "TF_CONFIG (auto: multi-worker if TF_CONFIG names several tasks, mirrored on several "
+                            "GPUs, else one device). --batch-size is the global batch")
     group.add_argument("--early-stopping", type=int, default=0, metavar="EPOCHS",
                        help="stop after this many epochs without val_loss improvement (default 0: off)")
     group.add_argument("--max-minutes", type=float, metavar="MIN",
@@ -98,7 +102,8 @@ def train_config_from_args(args):
         optimizer=args.optimizer, learning_rate=args.lr, momentum=args.momentum, loss=args.loss,
         augment=not args.no_augment, augment_placement=args.augment_placement,
         elastic_backend=args.elastic_backend, elastic_sigma_px=args.elastic_sigma,
-        elastic_points=args.elastic_points, rotation_degrees=args.rotation, precision=args.precision, early_stopping=args.early_stopping,
+        elastic_points=args.elastic_points, rotation_degrees=args.rotation, precision=args.precision, strategy=args.strategy,
+        early_stopping=args.early_stopping,
         max_minutes=args.max_minutes,
         seed=args.seed, run_name=args.run_name, logs_dir=args.logs_dir, models_dir=args.models_dir,
         model_name=args.model_name,
@@ -109,6 +114,9 @@ def cmd_train(args) -> int:
     from em_unet.train import train
 
     result = train(train_config_from_args(args), verbose=1 if sys.stdout.isatty() else 2)
+    if result["run_dir"] is None:
+        print("worker done: the chief writes the logs, the best model and the export")
+        return 0
     scores = result["scores"]
     print(f"validation: V_rand {scores['v_rand']:.4f}, V_info {scores['v_info']:.4f}, "
           f"pixel error {scores['pixel_error']:.4f}")
@@ -124,7 +132,11 @@ def cmd_tune(args) -> int:
 
     result = tune(train_config_from_args(args), search_space=args.search_space, algorithm=args.tuner,
                   max_trials=args.max_trials, max_epochs=args.max_epochs, project=args.project,
-                  overwrite=args.overwrite, verbose=1 if sys.stdout.isatty() else 2)
+                  overwrite=args.overwrite, verbose=1 if sys.stdout.isatty() else 2, tuner_id=args.tuner_id,
+                  oracle_ip=args.oracle_ip, oracle_port=args.oracle_port, worker_timeout_s=args.worker_timeout)
+    if result["role"] == "worker":
+        print(f"worker done: no trial left; the chief writes {result['run_dir'] / 'results.csv'} and exports")
+        return 0
     columns = list(dict.fromkeys(key for row in result["rows"] for key in row))
     print("  ".join(f"{c:>14s}" for c in columns))
     for row in result["rows"]:
@@ -163,6 +175,28 @@ def cmd_evaluate(args) -> int:
         with atomic_output(args.output, args.overwrite) as tmp:
             tmp.write_text(json.dumps(scores, indent=2))
         print(f"wrote {args.output}")
+    return 0
+
+
+def cmd_study(args) -> int:
+    from em_unet.study import run_study
+
+    experiments = [name.strip() for name in args.experiments.split(",") if name.strip()] if args.experiments else None
+    report = run_study(args.data, args.labels, config=args.config, experiments=experiments, epochs=args.epochs,
+                       quick=args.quick, logs_dir=args.logs_dir, report_dir=args.report, precision=args.precision,
+                       label_convention=args.label_convention, verbose=1 if sys.stdout.isatty() else 2)
+    for name, verdict in report["verdicts"].items():
+        print(f"{name:>14s}: the original conclusion {verdict}")
+    print(f"report: {report['report_dir'] / 'report.md'} (figures and summary.csv beside it)")
+    print(f"watch the curves: tensorboard --logdir {report['report_dir'].parent}")
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from em_unet.plot import plot_runs
+
+    for path in plot_runs(args.folder, args.output):
+        print(f"wrote {path}")
     return 0
 
 
@@ -213,6 +247,14 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--max-epochs", type=int, help="epochs of the longest trial (default: from the TOML)")
     tune.add_argument("--project", default="default", help="name of the search under logs/tune/ (default: default)")
     tune.add_argument("--overwrite", action="store_true", help="start the search anew instead of resuming")
+    distributed = tune.add_argument_group(
+        "distributed tuning (KerasTuner chief and workers; default: the KERASTUNER_* variables, else one process)")
+    distributed.add_argument("--tuner-id", help="'chief' serves the oracle; any other id (tuner0, tuner1, ...) "
+                                                "is a worker that runs trials (KERASTUNER_TUNER_ID)")
+    distributed.add_argument("--oracle-ip", help="address of the chief (KERASTUNER_ORACLE_IP)")
+    distributed.add_argument("--oracle-port", type=int, help="port of the chief (KERASTUNER_ORACLE_PORT)")
+    distributed.add_argument("--worker-timeout", type=float, default=120.0, metavar="SEC",
+                             help="chief: a worker silent this long loses its trial to the others (default 120)")
     tune.set_defaults(func=cmd_tune)
 
     predict = commands.add_parser(
@@ -222,7 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("model", help="SavedModel folder (a version, or its parent: newest version) or .keras file")
     predict.add_argument("stack", help="EM stack to segment")
     predict.add_argument("-o", "--output", required=True, help="TIFF to write")
-    predict.add_argument("--tile", type=int, default=256, metavar="PX", help="tile side in pixels (default 256)")
+    predict.add_argument("--tile", type=int, metavar="PX",
+                         help="tile side in pixels, a multiple of 2**depth (default: the whole slice plus margins, "
+                              "up to 1024 px a side; larger slices are tiled)")
     predict.add_argument("--margin", type=int, default=32, metavar="PX",
                          help="context border of each tile, not used for output (default 32)")
     predict.add_argument("--overlap", type=int, default=16, metavar="PX",
@@ -246,6 +290,35 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("-o", "--output", help="JSON file to write the scores to")
     evaluate.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     evaluate.set_defaults(func=cmd_evaluate)
+    study = commands.add_parser(
+        "study", help="rerun the depth / augmentation / learning-rate / optimizer study, with figures and a report",
+        description="Train every variant of the study's experiments (tuning/seed-study.toml), log each to "
+                    "logs/study/<experiment>/<variant>/, then write figures, summary.csv and report.md, which judges "
+                    "each of the original study's conclusions by a stated rule. Re-running resumes: finished "
+                    "variants are kept, and the report is redrawn from the logs.",
+    )
+    add_data_args(study)
+    study.add_argument("--config", metavar="TOML", help="study definition (default: tuning/seed-study.toml)")
+    study.add_argument("--experiments", metavar="A,B", help="comma-separated experiments to run (default: all; "
+                                                            "the seed study has depth,augmentation,lr,optimizer)")
+    study.add_argument("--epochs", type=int, help="epochs per variant (default: from the TOML, 40)")
+    study.add_argument("--quick", action="store_true",
+                       help="smoke test: the TOML's [quick] settings (tiny model, 2 epochs, 2 slices), logged to "
+                            "logs/study-quick/")
+    study.add_argument("--precision", choices=("auto", "float32", "mixed_bfloat16", "mixed_float16"),
+                       help="default: from the TOML, else auto")
+    study.add_argument("--logs-dir", default="logs", help="default: logs")
+    study.add_argument("--report", metavar="DIR", help="report folder (default: LOGS_DIR/study/report)")
+    study.set_defaults(func=cmd_study)
+
+    plot = commands.add_parser(
+        "plot", help="redraw loss-curve figures from recorded runs, without training",
+        description="Redraw training (solid) and validation (dashed) loss curves from history.csv or TensorBoard "
+                    "event files: one figure per folder of runs (per experiment for a study) and an overview.",
+    )
+    plot.add_argument("folder", help="a run folder (logs/<run>) or a folder of runs (logs/study)")
+    plot.add_argument("-o", "--output", metavar="DIR", help="where the PNGs go (default: FOLDER/report)")
+    plot.set_defaults(func=cmd_plot)
     return parser
 
 

@@ -83,15 +83,36 @@ def _load(path: Path):
     return lambda tiles: signature(image=tf.constant(tiles))["membrane_probability"].numpy()
 
 
-def _blend_window(tile: int, margin: int, overlap: int) -> np.ndarray:
+def _ramp(side: int, margin: int, overlap: int) -> np.ndarray:
     """1e-6 in the outer ``margin`` px, a linear ramp over ``overlap`` px, 1 inside."""
-    from_edge = np.minimum(np.arange(tile), np.arange(tile)[::-1]).astype(np.float32)
-    ramp = np.clip((from_edge - margin + 1) / (overlap + 1), 1e-6, 1.0)
-    return np.outer(ramp, ramp)
+    from_edge = np.minimum(np.arange(side), np.arange(side)[::-1]).astype(np.float32)
+    return np.clip((from_edge - margin + 1) / (overlap + 1), 1e-6, 1.0)
+
+
+AUTO_TILE_MAX = 1024  # px: the largest tile side "auto" picks; larger slices are tiled
+TILE_MULTIPLE = 32  # px: auto tiles suit U-Nets up to depth 5
+
+
+def tile_shape(height: int, width: int, tile: int | None, margin: int) -> tuple[int, int]:
+    """``tile`` x ``tile``, or for ``None`` ("auto") the whole slice plus its margins, rounded up to a
+    multiple of 32 px and at most 1024 px a side: one forward pass per slice where that fits."""
+    if tile:
+        return tile, tile
+    def fit(side):
+        return min(AUTO_TILE_MAX, -(-(side + 2 * margin) // TILE_MULTIPLE) * TILE_MULTIPLE)
+    return fit(height), fit(width)
+
+
+def _tiling(size: int, tile: int, margin: int, overlap: int) -> tuple[int, int]:
+    """(tile origins' stride, number of tiles) along one axis of ``size`` px."""
+    stride = tile - 2 * margin - overlap
+    if margin < 0 or overlap < 0 or stride < 1:
+        raise ValueError(f"margin {margin} px and overlap {overlap} px leave no core in {tile} px tiles")
+    return stride, max(1, -(-(size + 2 * margin - tile) // stride) + 1)
 
 
 def _dihedral(tiles: np.ndarray, k: int, inverse: bool = False) -> np.ndarray:
-    """The k-th of the 8 flips/rotations of square tiles (n, t, t, c), or its inverse."""
+    """The k-th of the 8 flips/rotations of tiles (n, h, w, c), or its inverse."""
     flip, turns = divmod(k, 4)
     if not inverse:
         tiles = tiles[:, :, ::-1] if flip else tiles
@@ -103,7 +124,7 @@ def _dihedral(tiles: np.ndarray, k: int, inverse: bool = False) -> np.ndarray:
 def predict_slice(
     predictor: Callable[[np.ndarray], np.ndarray],
     image: np.ndarray,
-    tile: int = 256,
+    tile: int | None = None,
     margin: int = 32,
     overlap: int = 16,
     tile_batch: int = 4,
@@ -112,45 +133,44 @@ def predict_slice(
     """Membrane probability (float32, same shape) of one 2-D slice in [0, 1] by overlap-tile prediction.
 
     Args:
-        tile: tile side in pixels (a multiple of ``2**depth`` of the model).
+        tile: tile side in pixels (a multiple of ``2**depth`` of the model), or None: the
+            whole slice in one tile where it fits (:func:`tile_shape`).
         margin: pixels at each tile border used as context only; the slice is
             mirror-padded by this much so every pixel is covered.
         overlap: pixels over which neighbouring tiles' outputs are blended.
         tile_batch: tiles per forward pass (sets peak memory).
         tta: average the 8 flips/rotations of every tile.
     """
-    stride = tile - 2 * margin - overlap
-    if margin < 0 or overlap < 0 or stride < 1:
-        raise ValueError(f"margin {margin} px and overlap {overlap} px leave no core in {tile} px tiles")
     height, width = image.shape
-    rows = max(1, -(-(height + 2 * margin + overlap - tile) // stride) + 1)
-    cols = max(1, -(-(width + 2 * margin + overlap - tile) // stride) + 1)
-    padded_h = (rows - 1) * stride + tile
-    padded_w = (cols - 1) * stride + tile
+    tile_h, tile_w = tile_shape(height, width, tile, margin)
+    stride_h, rows = _tiling(height, tile_h, margin, overlap)
+    stride_w, cols = _tiling(width, tile_w, margin, overlap)
+    padded_h = (rows - 1) * stride_h + tile_h
+    padded_w = (cols - 1) * stride_w + tile_w
     pad = ((margin, padded_h - height - margin), (margin, padded_w - width - margin))
     padded = np.pad(image.astype(np.float32), pad, mode="symmetric" if min(height, width) < 2 else "reflect")
-    window = _blend_window(tile, margin, overlap)
+    window = np.outer(_ramp(tile_h, margin, overlap), _ramp(tile_w, margin, overlap))
     total = np.zeros((padded_h, padded_w), np.float32)
     weight = np.zeros((padded_h, padded_w), np.float32)
-    origins = [(r * stride, c * stride) for r in range(rows) for c in range(cols)]
+    origins = [(r * stride_h, c * stride_w) for r in range(rows) for c in range(cols)]
     for start in range(0, len(origins), tile_batch):
         batch_origins = origins[start : start + tile_batch]
-        tiles = np.stack([padded[r : r + tile, c : c + tile] for r, c in batch_origins])[..., None]
+        tiles = np.stack([padded[r : r + tile_h, c : c + tile_w] for r, c in batch_origins])[..., None]
         if tta:
             out = np.mean([_dihedral(predictor(np.ascontiguousarray(_dihedral(tiles, k))), k, inverse=True)
                            for k in range(8)], axis=0)
         else:
             out = predictor(tiles)
         for (r, c), probability in zip(batch_origins, out[..., 0]):
-            total[r : r + tile, c : c + tile] += probability * window
-            weight[r : r + tile, c : c + tile] += window
+            total[r : r + tile_h, c : c + tile_w] += probability * window
+            weight[r : r + tile_h, c : c + tile_w] += window
     return (total / weight)[margin : margin + height, margin : margin + width]
 
 
 def predict_stack(
     predictor: Callable[[np.ndarray], np.ndarray],
     images: Iterable[np.ndarray],
-    tile: int = 256,
+    tile: int | None = None,
     margin: int = 32,
     overlap: int = 16,
     tile_batch: int = 4,
@@ -168,7 +188,7 @@ def predict_file(
     model_path: str | Path,
     stack_path: str | Path,
     output_path: str | Path,
-    tile: int = 256,
+    tile: int | None = None,
     margin: int = 32,
     overlap: int = 16,
     tile_batch: int = 4,

@@ -13,12 +13,14 @@ import tensorflow as tf
 
 from em_unet.augment import AugmentConfig, augment_batch, resolve_placement
 from em_unet.data import check_patch_size, load_labelled_stack, split_slices, training_dataset, validation_dataset
-from em_unet.errors import EmUnetError
+from em_unet.distribute import STRATEGIES, is_chief, make_strategy, prepare_for_fit, shardable
+from em_unet.errors import DataError, EmUnetError
 from em_unet.export import export_saved_model
+from em_unet.machine import cpu_flags
 from em_unet.losses import border_weight_map, get_loss, metrics
 from em_unet.metrics import evaluate_stack
 from em_unet.model import build_unet, check_input_size
-from em_unet.outputs import check_writable
+from em_unet.outputs import atomic_output, check_writable
 from em_unet.predict import keras_predictor, predict_stack
 
 
@@ -54,7 +56,8 @@ PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
 class TrainConfig:
     """Everything a training run depends on; written to ``<run dir>/config.json``.
 
-    Sizes in pixels; ``val_slices`` is an inclusive (first, last) slice range.
+    Sizes in pixels; ``val_slices`` is an inclusive (first, last) slice range. ``slices``
+    (inclusive, optional) restricts the run to part of the stack; ``val_slices`` then lies inside it.
     The defaults are the preset chosen by measurement on ISBI 2012 (README, "Quality"):
     16 base filters and Adam 3e-4 beat 32 filters at the same wall time, because
     they train about 3x as many epochs in it.
@@ -65,6 +68,7 @@ class TrainConfig:
     label_convention: str = "auto"
     val_slices: tuple[int, int] | None = None
     val_fraction: float | None = None
+    slices: tuple[int, int] | None = None
     depth: int = 4
     base_filters: int = 16
     batch_norm: bool = False
@@ -83,6 +87,7 @@ class TrainConfig:
     elastic_points: int = 3
     rotation_degrees: float = 180.0
     precision: str = "auto"
+    strategy: str = "auto"
     early_stopping: int = 0
     max_minutes: float | None = None
     seed: int = 0
@@ -96,8 +101,12 @@ class TrainConfig:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
         if self.val_slices is not None:
             self.val_slices = tuple(self.val_slices)
+        if self.slices is not None:
+            self.slices = tuple(self.slices)
 
 
     def augment_config(self) -> AugmentConfig | None:
@@ -118,11 +127,7 @@ def resolve_precision(precision: str) -> str:
     if gpus:
         capability = tf.config.experimental.get_device_details(gpus[0]).get("compute_capability", (0, 0))
         return "mixed_bfloat16" if capability >= (8, 0) else "mixed_float16"
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "float32"
-    return "mixed_bfloat16" if ("amx_bf16" in flags or "avx512_bf16" in flags) else "float32"
+    return "mixed_bfloat16" if cpu_flags() & {"amx_bf16", "avx512_bf16"} else "float32"
 
 
 def make_optimizer(name: str, learning_rate: float, momentum: float = 0.0) -> keras.optimizers.Optimizer:
@@ -155,6 +160,15 @@ def prepare_data(config: TrainConfig) -> PreparedData:
     """Read, split, and (for the border-weighted loss) attach weight maps as target channel 1."""
     images, targets = load_labelled_stack(config.data, config.labels, config.label_convention)
     train_slices, val_slices = split_slices(len(images), config.val_slices, config.val_fraction)
+    if config.slices is not None:
+        first, last = config.slices
+        if not 0 <= first <= last < len(images):
+            raise DataError(f"slices {first}-{last} are outside the stack's slices 0-{len(images) - 1}")
+        train_slices = train_slices[(train_slices >= first) & (train_slices <= last)]
+        val_slices = val_slices[(val_slices >= first) & (val_slices <= last)]
+        if not (train_slices.size and val_slices.size):
+            raise DataError(f"slices {first}-{last} need both training and validation slices "
+                            f"(validation: {config.val_slices})")
     check_patch_size(images.shape, config.patch_size)
     check_input_size(config.patch_size, config.patch_size, config.depth)
     if config.loss == "weighted_bce":
@@ -174,22 +188,32 @@ def new_run_dir(logs_dir: str | Path, run_name: str | None, prefix: str = "train
     return run_dir
 
 
-def validation_scores(model: keras.Model, images: np.ndarray, targets: np.ndarray, tile: int) -> dict:
-    """ISBI scores of ``model`` on whole validation slices (overlap-tile prediction)."""
-    probabilities = np.stack(list(predict_stack(keras_predictor(model), images, tile=tile, margin=tile // 8, overlap=tile // 16)))
+def validation_scores(model: keras.Model, images: np.ndarray, targets: np.ndarray) -> dict:
+    """ISBI scores of ``model`` on whole validation slices, predicted as ``em-unet predict`` does by default."""
+    probabilities = np.stack(list(predict_stack(keras_predictor(model), images)))
     membrane = targets[..., 0] if targets.ndim == 4 else targets
     scores = evaluate_stack(probabilities, membrane)
     scores.pop("per_threshold")
     return scores
 
 
-def train(config: TrainConfig, verbose: int = 1) -> dict:
+def train(config: TrainConfig, verbose: int = 1, export: bool = True) -> dict:
     """Train a U-Net, keep the best ``val_loss`` checkpoint, score it, export it; return where things went.
 
     Writes ``logs/<run>/`` (config.json, TensorBoard events, best.keras,
-    history.csv, scores.json) and ``saved_models/<model_name>/<version>/``.
+    history.csv, scores.json: written last, so its presence marks a finished run)
+    and, with ``export``, ``saved_models/<model_name>/<version>/``.
+
+    ``config.strategy`` picks the ``tf.distribute`` strategy (:func:`em_unet.distribute.make_strategy`);
+    ``batch_size`` is the global batch, split across replicas. In multi-worker training every
+    worker trains and only the chief writes anything; the others return ``run_dir`` None.
     """
-    run_dir = new_run_dir(config.logs_dir, config.run_name)
+    strategy = make_strategy(config.strategy)  # first: multi-worker must start before TensorFlow runs anything
+    chief = is_chief(strategy)
+    if config.max_minutes and isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        raise EmUnetError("--max-minutes cannot be used with --strategy multi-worker: workers would stop at "
+                          "different epochs and wait for each other for ever")
+    run_dir = new_run_dir(config.logs_dir, config.run_name) if chief else None
     data = prepare_data(config)
     steps = config.steps_per_epoch or default_steps_per_epoch(data.train_images.shape, config.patch_size,
                                                              config.batch_size)
@@ -202,34 +226,43 @@ def train(config: TrainConfig, verbose: int = 1) -> dict:
                                   config.seed, augment if placement == "pipeline" else None)
     val_data = validation_dataset(data.val_images, data.val_targets, config.patch_size, config.batch_size)
 
-    unet = build_unet(config.depth, config.base_filters, batch_norm=config.batch_norm)
-    model = StepAugmentedModel(unet, augment, config.seed) if augment and placement == "step" else unet
-    model.compile(optimizer=make_optimizer(config.optimizer, config.learning_rate, config.momentum),
-                  loss=get_loss(config.loss), metrics=metrics())
+    with strategy.scope():
+        unet = build_unet(config.depth, config.base_filters, batch_norm=config.batch_norm)
+        model = StepAugmentedModel(unet, augment, config.seed) if augment and placement == "step" else unet
+        model.compile(optimizer=make_optimizer(config.optimizer, config.learning_rate, config.momentum),
+                      loss=get_loss(config.loss), metrics=metrics())
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    record = {**asdict(config), "resolved_precision": precision, "augment_placement_used": placement,
-              "steps_per_epoch_used": steps, "train_slices": data.train_slices.tolist(),
-              "val_slices_used": data.val_slices.tolist(), "augment_config": augment.to_dict() if augment else None}
-    (run_dir / "config.json").write_text(json.dumps(record, indent=2))
-    best_path = run_dir / "best.keras"
-    callbacks = [
-        keras.callbacks.TensorBoard(log_dir=str(run_dir)),
-        BestUnetCheckpoint(unet, best_path),
-        keras.callbacks.CSVLogger(str(run_dir / "history.csv")),
-    ]
+    callbacks = []
+    if chief:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        record = {**asdict(config), "resolved_precision": precision, "augment_placement_used": placement,
+                  "strategy_used": type(strategy).__name__, "replicas": strategy.num_replicas_in_sync,
+                  "steps_per_epoch_used": steps, "train_slices": data.train_slices.tolist(),
+                  "val_slices_used": data.val_slices.tolist(),
+                  "augment_config": augment.to_dict() if augment else None}
+        (run_dir / "config.json").write_text(json.dumps(record, indent=2))
+        best_path = run_dir / "best.keras"
+        callbacks = [
+            keras.callbacks.TensorBoard(log_dir=str(run_dir)),
+            BestUnetCheckpoint(unet, best_path),
+            keras.callbacks.CSVLogger(str(run_dir / "history.csv")),
+        ]
     if config.max_minutes:
         callbacks.append(TimeLimit(config.max_minutes))
     if config.early_stopping:
         callbacks.append(keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.early_stopping))
-    model.fit(train_data, epochs=config.epochs, steps_per_epoch=steps, validation_data=val_data, shuffle=False,
-              callbacks=callbacks, verbose=verbose)
+    prepare_for_fit(model, train_data)
+    model.fit(shardable(train_data), epochs=config.epochs, steps_per_epoch=steps,
+              validation_data=shardable(val_data), shuffle=False, callbacks=callbacks, verbose=verbose)
+    keras.mixed_precision.set_global_policy("float32")
+    if not chief:
+        return {"run_dir": None, "best_model": None, "export_dir": None, "scores": None}
 
     best = keras.saving.load_model(best_path, compile=False)
-    scores = validation_scores(best, data.val_images, data.val_targets, tile=config.patch_size)
-    (run_dir / "scores.json").write_text(json.dumps(scores, indent=2))
-    keras.mixed_precision.set_global_policy("float32")
-    export_dir = export_saved_model(best, config.model_name, config.models_dir)
+    scores = validation_scores(best, data.val_images, data.val_targets)
+    with atomic_output(run_dir / "scores.json") as tmp:
+        tmp.write_text(json.dumps(scores, indent=2))
+    export_dir = export_saved_model(best, config.model_name, config.models_dir) if export else None
     return {"run_dir": run_dir, "best_model": best_path, "export_dir": export_dir, "scores": scores}
 
 

@@ -14,12 +14,16 @@ import csv
 import dataclasses
 import json
 import sys
+import time
 from pathlib import Path
 
 import keras
 import keras_tuner as kt
+import tensorflow as tf
 
 from em_unet.data import training_dataset, validation_dataset
+from em_unet.distribute import (TrialHeartbeat, WorkerWatch, make_strategy, prepare_for_fit, resolve_strategy,
+                                 set_tuner_role, shardable)
 from em_unet.errors import EmUnetError
 from em_unet.export import export_saved_model
 from em_unet.losses import get_loss, metrics
@@ -76,8 +80,6 @@ class UnetHyperModel(kt.HyperModel):
         return hp.Choice(name, values) if values else default
 
     def build(self, hp):
-        if self.clear_session_between_trials:
-            keras.backend.clear_session()
         depth = self._choice(hp, "depth", self.base.depth)
         optimizer = hp.Choice("optimizer", self.space.get("optimizer", [self.base.optimizer]))
         rate = self.space.get("learning_rate")
@@ -100,40 +102,93 @@ class UnetHyperModel(kt.HyperModel):
         val = validation_dataset(self.data.val_images, self.data.val_targets, base.patch_size, base.batch_size)
         steps = base.steps_per_epoch or default_steps_per_epoch(self.data.train_images.shape, base.patch_size,
                                                                 base.batch_size)
-        return model.fit(train, validation_data=val, steps_per_epoch=steps, shuffle=False, **kwargs)
+        prepare_for_fit(model, train)
+        return model.fit(shardable(train), validation_data=shardable(val), steps_per_epoch=steps, shuffle=False,
+                         **kwargs)
 
 
-def make_tuner(algorithm: str, hypermodel, tuner_cfg: dict, directory: Path, project: str, overwrite: bool, seed: int):
+IDLE_POLL_S = 1.0  # wait between asks when the oracle has no trial to give yet
+
+
+class TrialHooks:
+    """Mixed into KerasTuner's tuners: says which worker runs which trial, waits between asks
+    when the oracle answers IDLE, and (as a distributed worker) sends heartbeats during a trial."""
+
+    heartbeat_s: float | None = None
+
+    def pre_create_trial(self):
+        if getattr(self, "_asked_in_vain", False):
+            time.sleep(IDLE_POLL_S)
+        self._asked_in_vain = True
+        super().pre_create_trial()
+
+    def on_trial_begin(self, trial):
+        self._asked_in_vain = False
+        if getattr(self.hypermodel, "clear_session_between_trials", False):
+            keras.backend.clear_session()  # here, not in build(): build runs inside the strategy's scope
+        values = {k: v for k, v in trial.hyperparameters.values.items() if not k.startswith("tuner/")}
+        print(f"[{self.tuner_id}] trial {trial.trial_id} started: {values}", flush=True)
+        self._heartbeat = TrialHeartbeat(self.oracle, trial.trial_id, self.heartbeat_s) if self.heartbeat_s else None
+        super().on_trial_begin(trial)
+
+    def on_trial_end(self, trial):
+        if self._heartbeat:
+            self._heartbeat.stop()
+        super().on_trial_end(trial)
+        print(f"[{self.tuner_id}] trial {trial.trial_id} finished: {trial.status}", flush=True)
+
+
+TUNERS = {"hyperband": kt.Hyperband, "bayesian": kt.BayesianOptimization, "random": kt.RandomSearch,
+          "grid": kt.GridSearch}
+
+
+def make_tuner(algorithm: str, hypermodel, tuner_cfg: dict, directory: Path, project: str, overwrite: bool, seed: int,
+               strategy=None, heartbeat_s: float | None = None):
+    if isinstance(strategy, tf.distribute.OneDeviceStrategy):
+        strategy = None  # KerasTuner's default path: the same single device
     common = dict(objective=tuner_cfg.get("objective", "val_loss"), directory=str(directory), project_name=project,
-                  overwrite=overwrite, seed=seed)
+                  overwrite=overwrite, seed=seed, distribution_strategy=strategy)
+    tuner_class = type(f"EmUnet{TUNERS[algorithm].__name__}", (TrialHooks, TUNERS[algorithm]),
+                       {"heartbeat_s": heartbeat_s})
     if algorithm == "hyperband":
-        return kt.Hyperband(hypermodel, max_epochs=tuner_cfg.get("max_epochs", 40),
-                            factor=tuner_cfg.get("hyperband_factor", 3), **common)
-    trials = tuner_cfg.get("max_trials", 12)
-    if algorithm == "bayesian":
-        return kt.BayesianOptimization(hypermodel, max_trials=trials, **common)
-    if algorithm == "random":
-        return kt.RandomSearch(hypermodel, max_trials=trials, **common)
-    return kt.GridSearch(hypermodel, max_trials=trials, **common)
+        return tuner_class(hypermodel, max_epochs=tuner_cfg.get("max_epochs", 40),
+                           factor=tuner_cfg.get("hyperband_factor", 3), **common)
+    return tuner_class(hypermodel, max_trials=tuner_cfg.get("max_trials", 12), **common)
 
 
-def results_table(tuner) -> list[dict]:
-    """One row per finished trial: id, hyperparameters, best val_loss, epochs run."""
+def results_table(tuner, epochs: int) -> list[dict]:
+    """One row per finished trial: id, hyperparameters, best val_loss, epochs (Hyperband's own per
+    trial; ``epochs`` for the other tuners)."""
     rows = []
     for trial_id, trial in sorted(tuner.oracle.trials.items()):
         if trial.status != "COMPLETED":
             continue
         values = {k: v for k, v in trial.hyperparameters.values.items() if not k.startswith("tuner/")}
-        history = trial.metrics.get_history("val_loss") if trial.metrics.exists("val_loss") else []
-        epochs = trial.hyperparameters.values.get("tuner/epochs", len(history))
-        rows.append({"trial": trial_id, **values, "best_val_loss": trial.score, "epochs": epochs})
+        rows.append({"trial": trial_id, **values, "best_val_loss": trial.score,
+                     "epochs": trial.hyperparameters.values.get("tuner/epochs", epochs)})
     return rows
 
 
 def tune(base: TrainConfig, search_space: str | Path | None = None, algorithm: str | None = None,
          max_trials: int | None = None, max_epochs: int | None = None, project: str = "default",
-         overwrite: bool = False, verbose: int = 1) -> dict:
-    """Run (or resume) a search; write ``results.csv``; export the best model. Returns where things went."""
+         overwrite: bool = False, verbose: int = 1, tuner_id: str | None = None, oracle_ip: str | None = None,
+         oracle_port: int | None = None, worker_timeout_s: float = 120.0) -> dict:
+    """Run (or resume) a search; write ``results.csv``; export the best model. Returns where things went.
+
+    Distributed (KerasTuner's chief/worker mode, set by the arguments or by ``KERASTUNER_TUNER_ID``,
+    ``KERASTUNER_ORACLE_IP``, ``KERASTUNER_ORACLE_PORT``): the chief serves the oracle and, once
+    every trial has ended, writes the results table and exports; workers run trials. All of them
+    need the same ``logs_dir`` (a shared filesystem across machines). A worker silent for
+    ``worker_timeout_s`` seconds (it sends a heartbeat every quarter of that) loses its trial to
+    the others.
+    """
+    role = set_tuner_role(tuner_id, oracle_ip, oracle_port)
+    if role == "worker" and overwrite:
+        raise EmUnetError("--overwrite is for the chief: a worker would delete the search it joins")
+    if resolve_strategy(base.strategy) == "multi-worker" and role != "worker":
+        raise EmUnetError("with --strategy multi-worker, each training cluster joins a KerasTuner chief as one "
+                          "worker: start a chief and give the processes of one cluster the same --tuner-id")
+    strategy = make_strategy(base.strategy)
     space = load_search_space(search_space)
     tuner_cfg = dict(space.get("tuner", {}))
     if max_trials:
@@ -147,16 +202,22 @@ def tune(base: TrainConfig, search_space: str | Path | None = None, algorithm: s
     keras.mixed_precision.set_global_policy(resolve_precision(base.precision))
     directory = Path(base.logs_dir) / "tune"
     hypermodel = UnetHyperModel(space.get("space", {}), base, data, grid=algorithm == "grid")
-    tuner = make_tuner(algorithm, hypermodel, tuner_cfg, directory, project, overwrite, base.seed)
+    tuner = make_tuner(algorithm, hypermodel, tuner_cfg, directory, project, overwrite, base.seed, strategy,
+                       heartbeat_s=worker_timeout_s / 4 if role == "worker" else None)
     run_dir = directory / project
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "search.json").write_text(json.dumps({"algorithm": algorithm, "tuner": tuner_cfg,
-                                                     "space": space.get("space", {}),
-                                                     "base": dataclasses.asdict(base)}, indent=2))
+    if role == "chief":
+        WorkerWatch(tuner.oracle, worker_timeout_s)
+    if role != "worker":
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "search.json").write_text(json.dumps({"algorithm": algorithm, "tuner": tuner_cfg,
+                                                         "space": space.get("space", {}),
+                                                         "base": dataclasses.asdict(base)}, indent=2))
     epochs = tuner_cfg.get("max_epochs", 40)
     tuner.search(epochs=epochs, callbacks=[keras.callbacks.TensorBoard(str(run_dir / "tensorboard"))],
                  verbose=verbose)
-    rows = results_table(tuner)
+    if role == "worker":
+        return {"role": role, "run_dir": run_dir}
+    rows = results_table(tuner, epochs)
     if not rows:
         raise EmUnetError(f"{run_dir}: no trial finished")
     columns = list(dict.fromkeys(key for row in rows for key in row))
@@ -167,5 +228,5 @@ def tune(base: TrainConfig, search_space: str | Path | None = None, algorithm: s
     best = tuner.get_best_models(1)[0]
     keras.mixed_precision.set_global_policy("float32")
     export_dir = export_saved_model(best, base.model_name, base.models_dir)
-    return {"run_dir": run_dir, "rows": rows, "export_dir": export_dir,
+    return {"role": role, "run_dir": run_dir, "rows": rows, "export_dir": export_dir,
             "best_hyperparameters": tuner.get_best_hyperparameters(1)[0].values}

@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import tifffile
+
 
 def run_cli(*args, env=None, timeout=600):
     environment = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})}
@@ -19,3 +21,11 @@ def error_line(result):
     assert len(lines) == 1, result.stderr
     assert "Traceback" not in result.stderr, result.stderr
     return lines[0]
+
+
+def small_isbi(isbi_dir, folder, slices=3, size=64):
+    """The first ISBI slices cropped small, written as the user's stack and labels."""
+    tifffile.imwrite(folder / "img.tif", tifffile.imread(isbi_dir / "train-volume.tif")[:slices, :size, :size],
+                     photometric="minisblack")
+    tifffile.imwrite(folder / "lab.tif", tifffile.imread(isbi_dir / "train-labels.tif")[:slices, :size, :size],
+                     photometric="minisblack")

@@ -9,7 +9,7 @@ from tests.helpers import error_line, run_cli
 def test_help_lists_commands_and_each_has_help():
     result = run_cli("--help")
     assert result.returncode == 0
-    commands = ["augment-preview", "train", "predict", "evaluate"]
+    commands = ["augment-preview", "train", "tune", "predict", "evaluate", "study", "plot"]
     for command in commands:
         assert command in result.stdout
         sub = run_cli(command, "--help")

@@ -71,3 +71,22 @@ def test_unwritable_models_dir(tiny_model, tmp_path):
     blocker.write_text("not a folder")
     with pytest.raises(EmUnetError, match="cannot create folder"):
         export_saved_model(tiny_model, "m", blocker)
+
+
+def test_a_mixed_bfloat16_model_exports_a_float32_signature(tmp_path):
+    import tensorflow as tf
+
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        keras.utils.set_random_seed(0)
+        model = build_unet(depth=2, base_filters=4)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert model.get_layer("enc1_conv1").compute_dtype == "bfloat16"
+    signature = tf.saved_model.load(str(export_saved_model(model, "mixed", tmp_path))).signatures["serving_default"]
+    assert signature.structured_input_signature[1]["image"].dtype == tf.float32
+    assert signature.structured_outputs["membrane_probability"].dtype == tf.float32
+    image = np.random.default_rng(0).random((1, 32, 32, 1)).astype(np.float32)
+    served = signature(image=tf.constant(image))["membrane_probability"]
+    assert served.dtype == tf.float32
+    np.testing.assert_allclose(served.numpy(), model.predict(image, verbose=0), atol=1e-6)

@@ -26,6 +26,27 @@ def test_tiled_equals_whole_slice_beyond_receptive_field(tiny_model):
     assert np.abs(tiled - whole)[32:-32, 32:-32].max() < 1e-4
 
 
+def test_auto_tile_is_the_whole_slice_where_it_fits_and_tiles_beyond():
+    from em_unet.predict import tile_shape
+
+    assert tile_shape(512, 512, None, 32) == (576, 576)
+    assert tile_shape(100, 70, None, 8) == (128, 96)
+    assert tile_shape(3000, 40, None, 32) == (1024, 128)
+    assert tile_shape(100, 70, 64, 8) == (64, 64)
+    shapes = []
+
+    def identity(tiles):
+        shapes.extend([tiles.shape[1:3]] * len(tiles))
+        return tiles
+
+    tall = np.random.default_rng(0).random((1500, 50)).astype(np.float32)
+    assert np.allclose(predict_slice(identity, tall, margin=16, overlap=8), tall, atol=1e-6)
+    assert set(shapes) == {(1024, 96)} and len(shapes) == 2
+    shapes.clear()
+    assert np.allclose(predict_slice(identity, tall[:100], margin=16, overlap=8, tta=True), tall[:100], atol=1e-6)
+    assert sorted(set(shapes)) == [(96, 160), (160, 96)] and len(shapes) == 8  # one tile, 8 flips/rotations
+
+
 def test_dihedral_inverse():
     tiles = np.random.default_rng(0).random((2, 8, 8, 1))
     for k in range(8):

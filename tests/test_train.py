@@ -50,3 +50,20 @@ def test_time_limit_ends_training_before_the_next_epoch():
     assert len(history.history["loss"]) == 1
     history = model.fit(images, (images > 0.5).astype(np.float32), epochs=3, verbose=0, callbacks=[TimeLimit(60.0)])
     assert len(history.history["loss"]) == 3
+
+
+def test_precision_auto_follows_the_hardware(monkeypatch):
+    from em_unet import train as train_module
+
+    monkeypatch.setattr(train_module.tf.config, "list_physical_devices", lambda kind=None: [])
+    monkeypatch.setattr(train_module, "cpu_flags", lambda: {"avx2", "amx_bf16"})
+    assert train_module.resolve_precision("auto") == "mixed_bfloat16"
+    monkeypatch.setattr(train_module, "cpu_flags", lambda: {"avx2", "avx512f"})
+    assert train_module.resolve_precision("auto") == "float32"
+    assert train_module.resolve_precision("mixed_float16") == "mixed_float16"
+    gpu = object()
+    monkeypatch.setattr(train_module.tf.config, "list_physical_devices", lambda kind=None: [gpu])
+    for capability, expected in (((7, 5), "mixed_float16"), ((8, 0), "mixed_bfloat16")):
+        monkeypatch.setattr(train_module.tf.config.experimental, "get_device_details",
+                            lambda device, c=capability: {"compute_capability": c})
+        assert train_module.resolve_precision("auto") == expected

@@ -12,7 +12,7 @@ import tifffile
 
 from em_unet.errors import EmUnetError
 from em_unet.tune import DEFAULT_SEARCH_SPACE, load_search_space
-from tests.helpers import error_line, run_cli
+from tests.helpers import error_line, run_cli, small_isbi
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -36,14 +36,6 @@ def test_bad_search_space_files(tmp_path):
         load_search_space(tmp_path / "odd.toml")
     with pytest.raises(EmUnetError, match="no such search-space file"):
         load_search_space(tmp_path / "missing.toml")
-
-
-def small_isbi(isbi_dir, folder, slices=3, size=64):
-    """The first ISBI slices cropped small, written as the user's stack and labels."""
-    tifffile.imwrite(folder / "img.tif", tifffile.imread(isbi_dir / "train-volume.tif")[:slices, :size, :size],
-                     photometric="minisblack")
-    tifffile.imwrite(folder / "lab.tif", tifffile.imread(isbi_dir / "train-labels.tif")[:slices, :size, :size],
-                     photometric="minisblack")
 
 
 def tune_args(folder, space, project="tiny", patch="32", steps="2"):

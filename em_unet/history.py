@@ -1,0 +1,77 @@
+"""Recorded loss curves: read a run's per-epoch history from ``history.csv`` or, when that is
+missing, from its TensorBoard event files (``train/`` and ``validation/``, tag ``epoch_<metric>``)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+
+from em_unet.errors import EmUnetError
+
+EVENT_FOLDERS = {"train": "", "validation": "val_"}
+
+
+def is_run(folder: Path) -> bool:
+    """A training run's folder: it holds ``history.csv`` or TensorBoard epoch events."""
+    return (folder / "history.csv").is_file() or any((folder / "train").glob("events.out.tfevents.*"))
+
+
+def find_runs(root: str | Path) -> list[Path]:
+    """``root`` itself if it is a run, else every run below it (hidden folders skipped), sorted."""
+    root = Path(root)
+    if not root.is_dir():
+        raise EmUnetError(f"{root}: no such folder")
+    if is_run(root):
+        return [root]
+    runs = [folder for folder in sorted(root.rglob("*")) if folder.is_dir() and is_run(folder)
+            and not any(part.startswith(".") for part in folder.relative_to(root).parts)]
+    if not runs:
+        raise EmUnetError(f"{root}: no training run found (no history.csv or TensorBoard train/ events below it)")
+    return runs
+
+
+def _read_csv(path: Path) -> dict[str, np.ndarray]:
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    if not rows:
+        raise EmUnetError(f"{path}: no epochs recorded")
+    return {key: np.array([float(row[key]) for row in rows]) for key in rows[0] if key != "epoch"}
+
+
+def _read_events(folder: Path, prefix: str) -> dict[str, np.ndarray]:
+    import tensorflow as tf
+
+    values: dict[str, dict[int, float]] = {}
+    for path in sorted(folder.glob("events.out.tfevents.*")):
+        try:
+            for record in tf.data.TFRecordDataset(str(path)):
+                event = tf.compat.v1.Event.FromString(record.numpy())
+                for value in event.summary.value:
+                    if not value.tag.startswith("epoch_"):
+                        continue
+                    number = float(tf.make_ndarray(value.tensor)) if value.HasField("tensor") else value.simple_value
+                    values.setdefault(prefix + value.tag[len("epoch_"):], {})[int(event.step)] = number
+        except tf.errors.DataLossError:
+            continue  # a run killed while writing leaves a truncated last record; the epochs before it count
+    return {key: np.array([steps[s] for s in sorted(steps)]) for key, steps in values.items()}
+
+
+def read_history(run_dir: str | Path) -> dict[str, np.ndarray]:
+    """Per-epoch values of a run, e.g. ``{"loss": [...], "val_loss": [...], ...}`` (index 0 = epoch 1)."""
+    run_dir = Path(run_dir)
+    if (run_dir / "history.csv").is_file():
+        return _read_csv(run_dir / "history.csv")
+    history: dict[str, np.ndarray] = {}
+    for folder, prefix in EVENT_FOLDERS.items():
+        history.update(_read_events(run_dir / folder, prefix))
+    if "loss" not in history:
+        raise EmUnetError(f"{run_dir}: neither history.csv nor TensorBoard epoch_loss events")
+    return history
+
+
+def read_json(path: Path) -> dict:
+    """A run's JSON record (config.json, scores.json), or {} when it is absent."""
+    return json.loads(path.read_text()) if path.is_file() else {}

@@ -1,0 +1,34 @@
+"""What this machine is: CPU model and flags, cores, GPUs; used to pick defaults and to label measurements."""
+
+from __future__ import annotations
+
+import os
+import platform
+from functools import lru_cache
+from pathlib import Path
+
+
+@lru_cache(maxsize=1)
+def _cpuinfo() -> dict[str, str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {}
+    first = text.split("\n\n", 1)[0]
+    return {key.strip(): value.strip() for key, _, value in (line.partition(":") for line in first.splitlines())}
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (``amx_bf16``, ``avx512_bf16``, ...); empty where /proc/cpuinfo is missing."""
+    return set(_cpuinfo().get("flags", "").split())
+
+
+def machine_description() -> str:
+    """E.g. ``Intel(R) Xeon(R) Processor, 2 cores, AMX-BF16, TensorFlow 2.21.0, no GPU``."""
+    import tensorflow as tf
+
+    model = _cpuinfo().get("model name") or platform.processor() or platform.machine()
+    bf16 = [name for flag, name in (("amx_bf16", "AMX-BF16"), ("avx512_bf16", "AVX512-BF16")) if flag in cpu_flags()]
+    gpus = tf.config.list_physical_devices("GPU")
+    return ", ".join([model, f"{os.cpu_count()} cores", *bf16, f"TensorFlow {tf.__version__}",
+                      f"{len(gpus)} GPU" if gpus else "no GPU"])
