@@ -13,7 +13,7 @@ import tensorflow as tf
 
 from em_unet.augment import AugmentConfig, augment_batch, resolve_placement
 from em_unet.data import check_patch_size, load_labelled_stack, split_slices, training_dataset, validation_dataset
-from em_unet.distribute import STRATEGIES, is_chief, make_strategy, prepare_for_fit, shardable
+from em_unet.distribute import STRATEGIES, is_chief, make_strategy, prepare_for_fit, resolve_strategy, shardable
 from em_unet.errors import DataError, EmUnetError
 from em_unet.export import export_saved_model
 from em_unet.machine import cpu_flags
@@ -236,7 +236,7 @@ def train(config: TrainConfig, verbose: int = 1, export: bool = True) -> dict:
     if chief:
         run_dir.mkdir(parents=True, exist_ok=True)
         record = {**asdict(config), "resolved_precision": precision, "augment_placement_used": placement,
-                  "strategy_used": type(strategy).__name__, "replicas": strategy.num_replicas_in_sync,
+                  "strategy_used": resolve_strategy(config.strategy), "replicas": strategy.num_replicas_in_sync,
                   "steps_per_epoch_used": steps, "train_slices": data.train_slices.tolist(),
                   "val_slices_used": data.val_slices.tolist(),
                   "augment_config": augment.to_dict() if augment else None}

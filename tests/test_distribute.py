@@ -51,6 +51,7 @@ def test_strategy_choice_and_bad_tf_config(monkeypatch):
 
 
 def test_tuner_role_from_flags_or_variables(monkeypatch):
+    monkeypatch.setattr(os, "environ", dict(os.environ))  # set_tuner_role writes the variables; keep them here
     for variable in ("KERASTUNER_TUNER_ID", "KERASTUNER_ORACLE_IP", "KERASTUNER_ORACLE_PORT"):
         monkeypatch.delenv(variable, raising=False)
     assert set_tuner_role() == "standalone"
@@ -120,7 +121,7 @@ def test_multi_worker_two_local_processes_one_export(isbi_dir, tmp_path):
     assert [p.name for p in (tmp_path / "models" / "em_unet").iterdir()] == ["1"]
     assert [p.name for p in (tmp_path / "logs").iterdir()] == ["mw"]
     config = json.loads((tmp_path / "logs" / "mw" / "config.json").read_text())
-    assert (config["strategy_used"], config["replicas"]) == ("MultiWorkerMirroredStrategy", 2)
+    assert (config["strategy_used"], config["replicas"]) == ("multi-worker", 2)
     assert "SavedModel for TF Serving" in logs[0] and "worker done" in logs[1]
 
 
