@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -28,8 +27,8 @@ from em_unet.data import training_dataset  # noqa: E402
 from em_unet.losses import get_loss  # noqa: E402
 from em_unet.model import build_unet  # noqa: E402
 from em_unet.train import TrainConfig, make_optimizer, prepare_data, resolve_precision  # noqa: E402
+from isbi_data import ISBI  # noqa: E402  (benchmarks/, beside this script)
 
-ISBI = Path(os.environ.get("EM_UNET_ISBI_DIR", Path(__file__).resolve().parents[2] / "shared" / "data" / "isbi2012"))
 
 
 def batches_per_second(iterator, batches: int) -> float:

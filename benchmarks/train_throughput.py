@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -27,10 +26,12 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from em_unet.machine import machine_description  # noqa: E402
+from em_unet.data import training_dataset, validation_dataset  # noqa: E402
 from em_unet.losses import get_loss  # noqa: E402
 from em_unet.model import build_unet  # noqa: E402
+from em_unet.train import TrainConfig, prepare_data  # noqa: E402
+from isbi_data import ISBI  # noqa: E402  (benchmarks/, beside this script)
 
-ISBI = Path(os.environ.get("EM_UNET_ISBI_DIR", Path(__file__).resolve().parents[2] / "shared" / "data" / "isbi2012"))
 
 
 def forward_flops(model: keras.Model, size: int) -> float:
@@ -87,9 +88,6 @@ def steps_per_second(model: keras.Model, dataset: tf.data.Dataset, steps: int) -
 
 def short_run_val_loss(precision: str, depth: int, filters: int, steps: int, seed: int) -> float:
     """Validation loss after ``steps`` batches of the real pipeline (ISBI 0-14, augmented)."""
-    from em_unet.train import TrainConfig, prepare_data
-    from em_unet.data import training_dataset, validation_dataset
-
     config = TrainConfig(data=str(ISBI / "train-volume.tif"), labels=str(ISBI / "train-labels.tif"),
                          val_slices=(15, 19), depth=depth, base_filters=filters)
     data = prepare_data(config)

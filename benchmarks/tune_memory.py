@@ -19,9 +19,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from isbi_data import ISBI  # benchmarks/, beside this script
 
-ISBI = Path(os.environ.get("EM_UNET_ISBI_DIR", Path(__file__).resolve().parents[2] / "shared/data/isbi2012"))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 def rss_mb() -> float:

@@ -79,7 +79,7 @@ def test_conclusions_are_judged_on_the_numbers_both_ways():
 def test_bad_study_files_are_named(tmp_path, change, message):
     path = tmp_path / "study.toml"
     path.write_text(change)
-    with pytest.raises(EmUnetError, match=None) as err:
+    with pytest.raises(EmUnetError) as err:
         load_study(path)
     assert str(err.value).startswith(str(path)) and message in str(err.value)
 
