@@ -47,6 +47,9 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--steps-per-epoch", type=int, help="batches per epoch (default: the training area once)")
     group.add_argument("--optimizer", choices=("sgd", "adam", "adamax"), default="adam", help="default adam")
     group.add_argument("--lr", type=float, default=3e-4, help="learning rate (default 3e-4)")
+    group.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
+                       help="cosine: 2 %% linear warm-up to --lr, then cosine decay to 1 %% of it at the last epoch "
+                            "of --epochs (default constant)")
     group.add_argument("--momentum", type=float, default=0.0, help="SGD momentum (default 0: plain SGD)")
     group.add_argument("--loss", choices=("bce", "dice", "bce_dice", "weighted_bce"), default="bce",
                        help="weighted_bce: the U-Net paper's border-weighted cross-entropy (default bce)")
@@ -99,7 +102,7 @@ def train_config_from_args(args):
         val_slices=parse_slice_range(args.val_slices) if args.val_slices else None, val_fraction=args.val_fraction,
         depth=args.depth, base_filters=args.base_filters, batch_norm=args.batch_norm, patch_size=args.patch_size,
         batch_size=args.batch_size, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
-        optimizer=args.optimizer, learning_rate=args.lr, momentum=args.momentum, loss=args.loss,
+        optimizer=args.optimizer, learning_rate=args.lr, lr_schedule=args.lr_schedule, momentum=args.momentum, loss=args.loss,
         augment=not args.no_augment, augment_placement=args.augment_placement,
         elastic_backend=args.elastic_backend, elastic_sigma_px=args.elastic_sigma,
         elastic_points=args.elastic_points, rotation_degrees=args.rotation, precision=args.precision, strategy=args.strategy,
@@ -149,13 +152,56 @@ def cmd_tune(args) -> int:
     return 0
 
 
+def segment_params_from_args(args):
+    from em_unet.segment import SegmentParams
+
+    return SegmentParams(sigma_px=args.sigma, seed_threshold=args.seed_threshold,
+                         merge_threshold=args.merge_threshold)
+
+
+def add_segment_args(parser: argparse.ArgumentParser) -> None:
+    from em_unet.segment import SegmentParams
+
+    defaults = SegmentParams()
+    group = parser.add_argument_group("segmentation (seeded watershed + agglomeration; defaults measured on "
+                                      "ISBI 2012 slices 15-19)")
+    group.add_argument("--sigma", type=float, default=defaults.sigma_px, metavar="PX",
+                       help="Gaussian smoothing of the membrane probability before seeding, pixels "
+                            "(default %(default)s)")
+    group.add_argument("--seed-threshold", type=float, default=defaults.seed_threshold, metavar="P",
+                       help="seeds are regions whose smoothed membrane probability is below P (default %(default)s)")
+    group.add_argument("--merge-threshold", type=float, default=defaults.merge_threshold, metavar="P",
+                       help="merge neighbouring regions while the mean membrane probability on their shared "
+                            "boundary is below P; 0 merges nothing (default %(default)s)")
+
+
 def cmd_predict(args) -> int:
     from em_unet.predict import predict_file
 
+    params = None
+    if args.segment:  # checked before the long prediction starts
+        from em_unet.segment import check_segment_outputs, segment_file
+
+        params = segment_params_from_args(args)
+        if args.binary or args.isbi:
+            raise EmUnetError("--segment needs the membrane probability: leave out --binary and --isbi")
+        check_segment_outputs(args.segment, args.overwrite)
     path = predict_file(args.model, args.stack, args.output, tile=args.tile, margin=args.margin,
                         overlap=args.overlap, tile_batch=args.tile_batch, tta=args.tta, binary=args.binary,
                         isbi=args.isbi, overwrite=args.overwrite)
     print(f"wrote {path}")
+    if params is not None:
+        segments, sidecar = segment_file(path, args.segment, params, overwrite=args.overwrite)
+        print(f"wrote {segments} (parameters: {sidecar})")
+    return 0
+
+
+def cmd_segment(args) -> int:
+    from em_unet.segment import segment_file
+
+    segments, sidecar = segment_file(args.probability, args.output, segment_params_from_args(args),
+                                     overwrite=args.overwrite)
+    print(f"wrote {segments} (parameters: {sidecar})")
     return 0
 
 
@@ -167,10 +213,17 @@ def cmd_evaluate(args) -> int:
 
     if args.output:
         check_writable(args.output, args.overwrite)
-    scores = evaluate_files(args.prediction, args.labels, args.isbi, args.label_convention)
-    print(f"V_rand      {scores['v_rand']:.4f}  (threshold {scores['v_rand_threshold']:.1f})")
-    print(f"V_info      {scores['v_info']:.4f}  (threshold {scores['v_info_threshold']:.1f})")
-    print(f"pixel error {scores['pixel_error']:.4f}  (threshold {scores['pixel_error_threshold']:.1f})")
+    scores = evaluate_files(args.prediction, args.labels, args.isbi, args.label_convention,
+                            segments=True if args.segments else None)
+    if scores["kind"] == "segments":
+        print(f"V_rand      {scores['v_rand']:.4f}  (split {scores['v_rand_split']:.4f}, "
+              f"merge {scores['v_rand_merge']:.4f})")
+        print(f"V_info      {scores['v_info']:.4f}  (split {scores['v_info_split']:.4f}, "
+              f"merge {scores['v_info_merge']:.4f})")
+    else:
+        print(f"V_rand      {scores['v_rand']:.4f}  (threshold {scores['v_rand_threshold']:.1f})")
+        print(f"V_info      {scores['v_info']:.4f}  (threshold {scores['v_info_threshold']:.1f})")
+        print(f"pixel error {scores['pixel_error']:.4f}  (threshold {scores['pixel_error_threshold']:.1f})")
     if args.output:
         with atomic_output(args.output, args.overwrite) as tmp:
             tmp.write_text(json.dumps(scores, indent=2))
@@ -276,16 +329,38 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--binary", action="store_true", help="write uint8 0/255 thresholded at 0.5")
     predict.add_argument("--isbi", action="store_true",
                          help="ISBI 2012 submission convention: 1 (or 255) = cell interior")
-    predict.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    predict.add_argument("--segment", metavar="SEGMENTS.tif",
+                         help="also segment the prediction into neurons and write the labels here "
+                              "(as em-unet segment does, with the segmentation options below)")
+    predict.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    add_segment_args(predict)
     predict.set_defaults(func=cmd_predict)
 
-    evaluate = commands.add_parser(
-        "evaluate", help="ISBI 2012 scores (V_rand, V_info, pixel error) of a prediction",
-        description="Score a membrane-probability stack against labels as the ISBI 2012 challenge does.",
+    segment = commands.add_parser(
+        "segment", help="neuron labels from a membrane-probability map (watershed + agglomeration)",
+        description="Segment a membrane-probability TIFF (from em-unet predict) into one integer label per neuron "
+                    "section: 2-D per slice, labels unique across the stack, written as a uint16 (or uint32) TIFF "
+                    "that opens in Fiji, with the parameters used in a JSON file beside it.",
     )
-    evaluate.add_argument("prediction", help="membrane-probability TIFF stack (from em-unet predict)")
+    segment.add_argument("probability", help="membrane-probability TIFF stack: float in [0, 1], or 8/16-bit")
+    segment.add_argument("-o", "--output", required=True, metavar="SEGMENTS.tif", help="label TIFF to write")
+    segment.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    add_segment_args(segment)
+    segment.set_defaults(func=cmd_segment)
+
+    evaluate = commands.add_parser(
+        "evaluate", help="ISBI 2012 scores (V_rand, V_info, pixel error) of a prediction or of neuron segments",
+        description="Score a membrane-probability stack against labels as the ISBI 2012 challenge does (Fiji's "
+                    "foreground-restricted V_rand and V_info after border thinning, best over thresholds 0.0-1.0), "
+                    "or a label image of neuron segments directly (no threshold, no thinning).",
+    )
+    evaluate.add_argument("prediction", help="membrane-probability TIFF stack (from em-unet predict), or a label "
+                                             "image (from em-unet segment, or any with --segments)")
     evaluate.add_argument("labels", help="label stack of the same shape")
     evaluate.add_argument("--isbi", action="store_true", help="the prediction is in the ISBI convention (1 = cell)")
+    evaluate.add_argument("--segments", action="store_true",
+                          help="score PREDICTION as a label image (0 = boundary, 1, 2, ... = segments); automatic "
+                               "for em-unet segment's TIFFs and 32/64-bit integer images")
     evaluate.add_argument("--label-convention", choices=("auto", "isbi", "mask"), default="auto")
     evaluate.add_argument("-o", "--output", help="JSON file to write the scores to")
     evaluate.add_argument("--overwrite", action="store_true", help="replace an existing output file")

@@ -9,7 +9,7 @@ from tests.helpers import error_line, run_cli
 def test_help_lists_commands_and_each_has_help():
     result = run_cli("--help")
     assert result.returncode == 0
-    commands = ["augment-preview", "train", "tune", "predict", "evaluate", "study", "plot"]
+    commands = ["augment-preview", "train", "tune", "predict", "segment", "evaluate", "study", "plot"]
     for command in commands:
         assert command in result.stdout
         sub = run_cli(command, "--help")
@@ -82,9 +82,14 @@ def test_train_predict_evaluate_end_to_end(isbi_dir, tmp_path):
     assert again.returncode == 2 and "already exists" in error_line(again)
 
     predict = run_cli("predict", tmp_path / "models" / "em_unet", tmp_path / "img.tif", "-o", tmp_path / "prob.tif",
-                      "--tile", "64", "--margin", "8", "--overlap", "8")
+                      "--tile", "64", "--margin", "8", "--overlap", "8", "--segment", tmp_path / "neurons.tif")
     assert predict.returncode == 0, predict.stderr
     assert tifffile.imread(tmp_path / "prob.tif").shape == (4, 128, 128)
+    neurons = tifffile.imread(tmp_path / "neurons.tif")
+    assert neurons.shape == (4, 128, 128) and neurons.dtype == np.uint16 and neurons.min() >= 1
+    assert json.loads((tmp_path / "neurons.json").read_text())["membrane_probability"] == str(tmp_path / "prob.tif")
+    scored = run_cli("evaluate", tmp_path / "neurons.tif", tmp_path / "lab.tif")
+    assert scored.returncode == 0 and "merge" in scored.stdout, scored.stderr
 
     evaluate = run_cli("evaluate", tmp_path / "prob.tif", tmp_path / "lab.tif", "-o", tmp_path / "scores.json")
     assert evaluate.returncode == 0, evaluate.stderr

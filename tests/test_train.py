@@ -1,10 +1,11 @@
 import keras
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from em_unet.augment import AugmentConfig
 from em_unet.model import build_unet
-from em_unet.train import StepAugmentedModel
+from em_unet.train import StepAugmentedModel, TrainConfig
 from tests.test_augment import PY_OPS
 
 
@@ -67,3 +68,16 @@ def test_precision_auto_follows_the_hardware(monkeypatch):
         monkeypatch.setattr(train_module.tf.config.experimental, "get_device_details",
                             lambda device, c=capability: {"compute_capability": c})
         assert train_module.resolve_precision("auto") == expected
+
+
+def test_cosine_schedule_warms_up_then_decays_to_one_percent():
+    from em_unet.train import learning_rate_schedule
+
+    assert learning_rate_schedule(3e-4, "constant", 1000) == 3e-4
+    schedule = learning_rate_schedule(1e-3, "cosine", 1000)  # 20 warm-up steps (2 %), then 980 of decay
+    rate = [float(schedule(step)) for step in (0, 10, 20, 510, 1000)]
+    assert rate[0] == pytest.approx(0.0) and rate[1] == pytest.approx(5e-4) and rate[2] == pytest.approx(1e-3)
+    assert rate[3] == pytest.approx(1e-3 * (0.01 + 0.99 * 0.5), rel=1e-3)  # half-way down the cosine
+    assert rate[4] == pytest.approx(1e-5)
+    with pytest.raises(ValueError, match="lr_schedule must be one of"):
+        TrainConfig(data="d", labels="l", lr_schedule="linear")
