@@ -14,8 +14,8 @@ Per 2-D slice:
    of step 1 where the membrane between two regions is faint.
 
 scikit-image is used because its watershed and RAG are well kept, already an em-unet dependency
-and fast enough for 2-D slices (about 0.3 s a 512 x 512 slice); the defaults were chosen by
-measurement on ISBI 2012 validation slices 15-19 (README, "Neurons").
+and fast enough for 2-D slices (about 0.2 s a 512 x 512 slice); the defaults were chosen by
+measurement on ISBI 2012 validation slices 15-19 (``benchmarks/segment_params.py``; README, "Quality").
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ class SegmentParams:
 
     sigma_px: float = 1.0
     seed_threshold: float = 0.05
-    merge_threshold: float = 0.6
+    merge_threshold: float = 0.5
 
     def __post_init__(self):
         if not (np.isfinite(self.sigma_px) and self.sigma_px >= 0):
