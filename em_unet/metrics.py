@@ -237,10 +237,10 @@ def check_segments(labels: np.ndarray, source: str) -> None:
 def as_probability(stack: np.ndarray, source: str) -> np.ndarray:
     """A membrane-probability stack as float32 in [0, 1]: 8/16-bit maps scaled by 255/65535, float maps
     taken as they are and refused unless finite and in [0, 1]."""
-    if stack.dtype == np.uint8:
-        return stack.astype(np.float32) / 255.0
-    if stack.dtype == np.uint16:
-        return stack.astype(np.float32) / 65535.0
+    from em_unet.data import to_unit_range
+
+    if stack.dtype in (np.uint8, np.uint16):
+        return to_unit_range(stack)  # the one scaling rule of 8/16-bit data
     if not np.issubdtype(stack.dtype, np.floating):
         raise DataError(f"{source}: a probability map must be 8-bit, 16-bit or float, found {stack.dtype} "
                         "(a label image? score it with --segments)")
