@@ -7,11 +7,18 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
+    # The search spaces and the study definition live in the top-level tuning/ and ship inside the package as
+    # em_unet.tuning (em_unet/tuning is a symbolic link to ../tuning).
     packages=find_packages(include=["em_unet", "em_unet.*"]),
+    package_data={"em_unet.tuning": ["*.toml"]},
     install_requires=[
-        "keras-tuner>=1.4",
+        # em_unet/keras_patches.py and the oracle extension in em_unet/distribute.py were checked on these.
+        "keras>=3.13,<3.16",
+        "keras-tuner>=1.4,<1.5",
         "tensorboard",
         "tifffile",
+        # LZW, Deflate, ... compressed TIFFs (Pillow and Fiji write LZW).
+        "imagecodecs",
         # Its PyPI wheel was built against NumPy 1: install with --no-binary elasticdeform (see README).
         "elasticdeform",
         "matplotlib",
@@ -19,11 +26,18 @@ setup(
         "numpy>=2",
         "tqdm",
         "tomli; python_version < '3.11'",
+        # Chunked volumes (HDF5, Zarr v2/v3, OME-Zarr) and blockwise prediction on Dask.
+        "h5py",
+        "zarr>=3,<4",
+        "numcodecs",
+        "ome-zarr>=0.18",
+        "dask[array]",
+        "distributed",
     ],
     extras_require={
         "cpu": ["tensorflow-cpu>=2.16"],
         "gpu": ["tensorflow[and-cuda]>=2.16"],
-        "dev": ["pytest"],
+        "dev": ["pytest", "ruff"],
     },
     entry_points={"console_scripts": ["em-unet = em_unet.cli:main"]},
 )

@@ -21,8 +21,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from em_unet.machine import machine_description  # noqa: E402
 from em_unet.augment import AugmentConfig, augment_batch, import_elasticdeform  # noqa: E402
+from em_unet.machine import machine_description  # noqa: E402
 
 
 def pairs_dataset(pairs: int, size: int) -> tf.data.Dataset:
@@ -47,7 +47,9 @@ def theirs(pairs, size, parallel):
     def deform(index, pair):
         image, mask = pair
         displacement = tf.random.stateless_normal([2, 3, 3], tf.stack([tf.constant(0, tf.int64), index]), stddev=10.0)
-        image, mask = elasticdeform.tf.deform_grid([image, mask], displacement, order=[1, 0], mode="mirror", axis=(0, 1))
+        image, mask = elasticdeform.tf.deform_grid(
+            [image, mask], displacement, order=[1, 0], mode="mirror", axis=(0, 1)
+        )
         return image, mask
 
     return pairs_dataset(pairs, size).enumerate().map(deform, num_parallel_calls=parallel)
@@ -65,8 +67,12 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=64, help="image+mask pairs per measurement (default 64)")
     parser.add_argument("--size", type=int, default=512, help="side in pixels (default 512)")
     parser.add_argument("--batch", type=int, default=8, help="em-unet's batch per map call (default 8)")
-    parser.add_argument("--parallel", type=int, default=os.cpu_count(), help="num_parallel_calls for both (default: cores)")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds; the best of each is kept (default 3)")
+    parser.add_argument(
+        "--parallel", type=int, default=os.cpu_count(), help="num_parallel_calls for both (default: cores)"
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="alternating rounds; the best of each is kept (default 3)"
+    )
     args = parser.parse_args()
 
     candidates = {

@@ -21,14 +21,14 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
-
-from em_unet.machine import machine_description  # noqa: E402
-from em_unet.data import training_dataset  # noqa: E402
-from em_unet.losses import get_loss  # noqa: E402
-from em_unet.model import build_unet  # noqa: E402
-from em_unet.train import TrainConfig, make_optimizer, prepare_data, resolve_precision  # noqa: E402
 from isbi_data import ISBI  # noqa: E402  (benchmarks/, beside this script)
 
+from em_unet.assembly import make_optimizer, prepare_data, resolve_precision
+from em_unet.config import TrainConfig  # noqa: E402
+from em_unet.data import training_dataset  # noqa: E402
+from em_unet.losses import get_loss  # noqa: E402
+from em_unet.machine import machine_description  # noqa: E402
+from em_unet.model import build_unet  # noqa: E402
 
 
 def batches_per_second(iterator, batches: int) -> float:
@@ -45,13 +45,20 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
 
-    preset = TrainConfig(data=str(ISBI / "train-volume.tif"), labels=str(ISBI / "train-labels.tif"),
-                         val_slices=(15, 19))
+    preset = TrainConfig(
+        data=str(ISBI / "train-volume.tif"), labels=str(ISBI / "train-labels.tif"), val_slices=(15, 19)
+    )
     start = time.perf_counter()
     data = prepare_data(preset)
     read_seconds = time.perf_counter() - start
-    pipeline = training_dataset(data.train_images, data.train_targets, preset.patch_size, preset.batch_size,
-                                preset.seed, preset.augment_config())
+    pipeline = training_dataset(
+        data.train_images,
+        data.train_targets,
+        preset.patch_size,
+        preset.batch_size,
+        preset.seed,
+        preset.augment_config(),
+    )
     precision = resolve_precision(preset.precision)
     keras.mixed_precision.set_global_policy(precision)
     model = build_unet(preset.depth, preset.base_filters)
@@ -70,10 +77,14 @@ def main() -> None:
 
     print(f"machine: {machine_description()}")
     print(f"reading and scaling the 20-slice stack and labels once: {read_seconds:.2f} s")
-    print(f"input pipeline (crop + augment + batch of {preset.batch_size} x {preset.patch_size} px): "
-          f"{feed:7.1f} batches/s")
-    print(f"training step, default preset ({preset.base_filters} filters, depth {preset.depth}, {precision}): "
-          f"{step:7.2f} steps/s")
+    print(
+        f"input pipeline (crop + augment + batch of {preset.batch_size} x {preset.patch_size} px): "
+        f"{feed:7.1f} batches/s"
+    )
+    print(
+        f"training step, default preset ({preset.base_filters} filters, depth {preset.depth}, {precision}): "
+        f"{step:7.2f} steps/s"
+    )
     print(f"pipeline / training: {feed / step:.1f}x (target >= 5x)")
 
 

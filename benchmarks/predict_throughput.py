@@ -29,17 +29,16 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
 import tifffile  # noqa: E402
-
-from em_unet.machine import machine_description  # noqa: E402
-from em_unet.data import load_image_stack  # noqa: E402
-from em_unet.export import export_saved_model  # noqa: E402
-from em_unet.model import build_unet  # noqa: E402
-from em_unet.predict import keras_predictor, predict_stack  # noqa: E402
-from em_unet.train import TrainConfig, resolve_precision  # noqa: E402
 from isbi_data import ISBI  # noqa: E402  (benchmarks/, beside this script)
 
+from em_unet.assembly import resolve_precision
+from em_unet.config import TrainConfig  # noqa: E402
+from em_unet.data import load_image_stack  # noqa: E402
+from em_unet.export import export_saved_model  # noqa: E402
+from em_unet.machine import machine_description  # noqa: E402
+from em_unet.model import build_unet  # noqa: E402
+from em_unet.predict import keras_predictor, predict_stack  # noqa: E402
 
 
 def slices_per_second(run, volume) -> float:
@@ -95,20 +94,36 @@ def main() -> None:
         stack = tifffile.imread(ISBI / "test-volume.tif")
         tifffile.imwrite(folder / "30.tif", stack, imagej=True)
         tifffile.imwrite(folder / "60.tif", np.concatenate([stack, stack]), imagej=True)
-        memory = {n: peak_memory_mb([sys.executable, "-m", "em_unet.cli", "predict", str(version),
-                                     str(folder / f"{n}.tif"), "-o", str(folder / f"p{n}.tif")])
-                  for n in (30, 60)}
+        memory = {
+            n: peak_memory_mb(
+                [
+                    sys.executable,
+                    "-m",
+                    "em_unet.cli",
+                    "predict",
+                    str(version),
+                    str(folder / f"{n}.tif"),
+                    "-o",
+                    str(folder / f"p{n}.tif"),
+                ]
+            )
+            for n in (30, 60)
+        }
 
     print(f"machine: {machine_description()}")
-    print(f"model: depth {preset.depth}, {preset.base_filters} base filters, {precision}; "
-          f"volume: {len(volume)} slices of {volume.shape[1]}x{volume.shape[2]} px")
+    print(
+        f"model: depth {preset.depth}, {preset.base_filters} base filters, {precision}; "
+        f"volume: {len(volume)} slices of {volume.shape[1]}x{volume.shape[2]} px"
+    )
     whole = rate["whole slice, one forward pass"]
     for name, value in rate.items():
         print(f"{name:32s} {value:6.2f} slices/s   overhead {whole / value - 1:+6.1%} against the whole slice")
     default = rate["em-unet predict (defaults)"]
     print(f"{'em-unet predict --tta':32s} {tta:6.2f} slices/s   {default / tta:.1f}x the time of the defaults")
-    print(f"peak memory of em-unet predict: 30 slices {memory[30]:.0f} MB, 60 slices {memory[60]:.0f} MB "
-          f"({memory[60] - memory[30]:+.0f} MB)")
+    print(
+        f"peak memory of em-unet predict: 30 slices {memory[30]:.0f} MB, 60 slices {memory[60]:.0f} MB "
+        f"({memory[60] - memory[30]:+.0f} MB)"
+    )
     print(f"tiling overhead at the defaults: {whole / default - 1:.1%} (target <= 25 %)")
 
 

@@ -41,8 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     for path, probability in zip(args.probability, maps):
         scores = evaluate_stack(probability, target)
-        print(f"{path}: map V_rand {scores['v_rand']:.4f} (threshold {scores['v_rand_threshold']:.1f}), "
-              f"V_info {scores['v_info']:.4f} (threshold {scores['v_info_threshold']:.1f})")
+        print(
+            f"{path}: map V_rand {scores['v_rand']:.4f} (threshold {scores['v_rand_threshold']:.1f}), "
+            f"V_info {scores['v_info']:.4f} (threshold {scores['v_info_threshold']:.1f})"
+        )
     rows = []
     for sigma, seed, merge in itertools.product(SIGMAS, SEED_THRESHOLDS, MERGE_THRESHOLDS):
         params = SegmentParams(sigma, seed, merge)
@@ -51,13 +53,17 @@ def main(argv: list[str] | None = None) -> int:
         v_info = [r["v_info"] for r in results]
         rows.append((sum(v_rand) / len(maps), sum(v_info) / len(maps), params, v_rand))
     rows.sort(key=lambda row: -(row[0] + row[1]))
-    print(f"{'sigma px':>8s} {'seed <':>7s} {'merge <':>7s} {'V_rand':>7s} {'V_info':>7s}   V_rand of each map "
-          f"({len(rows)} sets, {time.perf_counter() - start:.0f} s)")
+    print(
+        f"{'sigma px':>8s} {'seed <':>7s} {'merge <':>7s} {'V_rand':>7s} {'V_info':>7s}   V_rand of each map "
+        f"({len(rows)} sets, {time.perf_counter() - start:.0f} s)"
+    )
     defaults = SegmentParams()
     for v_rand, v_info, params, each in rows[:15] + [row for row in rows[15:] if row[2] == defaults]:
         mark = "  <- default" if params == defaults else ""
-        print(f"{params.sigma_px:8.1f} {params.seed_threshold:7.2f} {params.merge_threshold:7.2f} {v_rand:7.4f} "
-              f"{v_info:7.4f}   {' '.join(f'{x:.4f}' for x in each)}{mark}")
+        print(
+            f"{params.sigma_px:8.1f} {params.seed_threshold:7.2f} {params.merge_threshold:7.2f} {v_rand:7.4f} "
+            f"{v_info:7.4f}   {' '.join(f'{x:.4f}' for x in each)}{mark}"
+        )
     return 0
 
 

@@ -24,20 +24,21 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
-
-from em_unet.machine import machine_description  # noqa: E402
-from em_unet.data import training_dataset, validation_dataset  # noqa: E402
-from em_unet.losses import get_loss  # noqa: E402
-from em_unet.model import build_unet  # noqa: E402
-from em_unet.train import TrainConfig, prepare_data  # noqa: E402
 from isbi_data import ISBI  # noqa: E402  (benchmarks/, beside this script)
 
+from em_unet.assembly import prepare_data
+from em_unet.config import TrainConfig  # noqa: E402
+from em_unet.data import training_dataset, validation_dataset  # noqa: E402
+from em_unet.losses import get_loss  # noqa: E402
+from em_unet.machine import machine_description  # noqa: E402
+from em_unet.model import build_unet  # noqa: E402
 
 
 def forward_flops(model: keras.Model, size: int) -> float:
     """Multiply-adds x 2 of every convolution for one ``size`` x ``size`` image, from the layers' shapes."""
-    convolutions = [layer for layer in model.layers if isinstance(layer, (keras.layers.Conv2D,
-                                                                          keras.layers.Conv2DTranspose))]
+    convolutions = [
+        layer for layer in model.layers if isinstance(layer, (keras.layers.Conv2D, keras.layers.Conv2DTranspose))
+    ]
     probe = keras.Model(model.inputs, [layer.output for layer in convolutions])
     outputs = probe([np.zeros((1, size, size, 1), np.float32)])
     flops = 0.0
@@ -88,8 +89,13 @@ def steps_per_second(model: keras.Model, dataset: tf.data.Dataset, steps: int) -
 
 def short_run_val_loss(precision: str, depth: int, filters: int, steps: int, seed: int) -> float:
     """Validation loss after ``steps`` batches of the real pipeline (ISBI 0-14, augmented)."""
-    config = TrainConfig(data=str(ISBI / "train-volume.tif"), labels=str(ISBI / "train-labels.tif"),
-                         val_slices=(15, 19), depth=depth, base_filters=filters)
+    config = TrainConfig(
+        data=str(ISBI / "train-volume.tif"),
+        labels=str(ISBI / "train-labels.tif"),
+        val_slices=(15, 19),
+        depth=depth,
+        base_filters=filters,
+    )
     data = prepare_data(config)
     train = training_dataset(data.train_images, data.train_targets, 256, 4, seed, config.augment_config())
     val = validation_dataset(data.val_images, data.val_targets, 256, 4)
@@ -107,10 +113,18 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="timed training steps per round (default 10)")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds, best kept (default 3)")
     parser.add_argument("--matmul", type=int, default=4096, help="matrix side for the peak (default 4096)")
-    parser.add_argument("--short-steps", type=int, default=60,
-                        help="steps of the short ISBI run for the validation-loss comparison (default 60; 0 skips)")
-    parser.add_argument("--short-seeds", type=int, default=2,
-                        help="seeds of the short run per precision: their spread is the noise floor (default 2)")
+    parser.add_argument(
+        "--short-steps",
+        type=int,
+        default=60,
+        help="steps of the short ISBI run for the validation-loss comparison (default 60; 0 skips)",
+    )
+    parser.add_argument(
+        "--short-seeds",
+        type=int,
+        default=2,
+        help="seeds of the short run per precision: their spread is the noise floor (default 2)",
+    )
     args = parser.parse_args()
 
     precisions = {"float32": tf.float32, "mixed_bfloat16": tf.bfloat16}
@@ -128,26 +142,39 @@ def main() -> None:
             rate[name] = max(rate[name], steps_per_second(model, batch, args.steps))
 
     print(f"machine: {machine_description()}")
-    print(f"model: depth {args.depth}, {args.filters} base filters, batch {args.batch} x {args.size}x{args.size} px: "
-          f"{step_flops / 1e9:.1f} GFLOP per training step (3x forward)")
+    print(
+        f"model: depth {args.depth}, {args.filters} base filters, batch {args.batch} x {args.size}x{args.size} px: "
+        f"{step_flops / 1e9:.1f} GFLOP per training step (3x forward)"
+    )
     for name in precisions:
         achieved = rate[name] * step_flops
-        print(f"{name:15s} matmul peak {peak[name] / 1e9:8.1f} GFLOP/s | training {rate[name] * args.batch:6.2f} "
-              f"patches/s = {achieved / 1e9:7.1f} GFLOP/s = {achieved / peak[name]:5.1%} of its peak, "
-              f"{achieved / peak['float32']:5.1%} of the float32 peak")
-    print(f"mixed_bfloat16 / float32 training throughput: {rate['mixed_bfloat16'] / rate['float32']:.2f}x "
-          f"(target >= 2x); float32 at {rate['float32'] * step_flops / peak['float32']:.1%} of its peak (target >= 60 %)")
+        print(
+            f"{name:15s} matmul peak {peak[name] / 1e9:8.1f} GFLOP/s | training {rate[name] * args.batch:6.2f} "
+            f"patches/s = {achieved / 1e9:7.1f} GFLOP/s = {achieved / peak[name]:5.1%} of its peak, "
+            f"{achieved / peak['float32']:5.1%} of the float32 peak"
+        )
+    print(
+        f"mixed_bfloat16 / float32 training throughput: {rate['mixed_bfloat16'] / rate['float32']:.2f}x "
+        f"(target >= 2x); float32 at {rate['float32'] * step_flops / peak['float32']:.1%} of its peak (target >= 60 %)"
+    )
     if args.short_steps:
         seeds = range(args.short_seeds)
-        loss = {name: [short_run_val_loss(name, args.depth, args.filters, args.short_steps, seed) for seed in seeds]
-                for name in precisions}
+        loss = {
+            name: [short_run_val_loss(name, args.depth, args.filters, args.short_steps, seed) for seed in seeds]
+            for name in precisions
+        }
         for name, values in loss.items():
-            print(f"validation loss after {args.short_steps} steps on ISBI, {name:15s} seeds {list(seeds)}: "
-                  + ", ".join(f"{v:.4f}" for v in values))
+            print(
+                f"validation loss after {args.short_steps} steps on ISBI, {name:15s} seeds {list(seeds)}: "
+                + ", ".join(f"{v:.4f}" for v in values)
+            )
         same_seed = [b / f - 1.0 for f, b in zip(loss["float32"], loss["mixed_bfloat16"])]
         difference = np.mean(loss["mixed_bfloat16"]) / np.mean(loss["float32"]) - 1.0
-        print(f"mixed_bfloat16 vs float32: {difference:+.2%} on the mean over seeds, per seed "
-              + ", ".join(f"{d:+.2%}" for d in same_seed) + " (target within 2 %)")
+        print(
+            f"mixed_bfloat16 vs float32: {difference:+.2%} on the mean over seeds, per seed "
+            + ", ".join(f"{d:+.2%}" for d in same_seed)
+            + " (target within 2 %)"
+        )
         if len(loss["float32"]) > 1:
             spread = max(loss["float32"]) / min(loss["float32"]) - 1.0
             print(f"noise floor: float32 alone varies by {spread:.2%} between seeds after {args.short_steps} steps")

@@ -36,16 +36,19 @@ def one_variant(clear: bool, trials: int) -> list[float]:
     import tifffile
 
     from em_unet import tune as tune_module
-    from em_unet.train import TrainConfig
+    from em_unet.config import TrainConfig
 
     folder = Path(tempfile.mkdtemp())
-    tifffile.imwrite(folder / "img.tif", tifffile.imread(ISBI / "train-volume.tif")[:4, :128, :128],
-                     photometric="minisblack")
-    tifffile.imwrite(folder / "lab.tif", tifffile.imread(ISBI / "train-labels.tif")[:4, :128, :128],
-                     photometric="minisblack")
+    tifffile.imwrite(
+        folder / "img.tif", tifffile.imread(ISBI / "train-volume.tif")[:4, :128, :128], photometric="minisblack"
+    )
+    tifffile.imwrite(
+        folder / "lab.tif", tifffile.imread(ISBI / "train-labels.tif")[:4, :128, :128], photometric="minisblack"
+    )
     (folder / "space.toml").write_text(
-        f'[tuner]\nalgorithm = "random"\nmax_trials = {trials}\nmax_epochs = 1\n\n'
-        '[space]\noptimizer = ["sgd", "adam", "adamax"]\nlearning_rate = { min = 1e-5, max = 1e-3 }\n')
+        f'[tuner]\nalgorithm = "random"\nmax_trials = {trials}\n\n'
+        '[space]\noptimizer = ["sgd", "adam", "adamax"]\nlearning_rate = { min = 1e-5, max = 1e-3 }\n'
+    )
     tune_module.UnetHyperModel.clear_session_between_trials = clear
     samples = []
     original_fit = tune_module.UnetHyperModel.fit
@@ -56,11 +59,21 @@ def one_variant(clear: bool, trials: int) -> list[float]:
         return history
 
     tune_module.UnetHyperModel.fit = fit_and_measure
-    base = TrainConfig(data=str(folder / "img.tif"), labels=str(folder / "lab.tif"), val_slices=(3, 3), depth=3,
-                       base_filters=8, patch_size=64, steps_per_epoch=4, precision="float32",
-                       logs_dir=str(folder / "logs"), models_dir=str(folder / "models"))
+    base = TrainConfig(
+        data=str(folder / "img.tif"),
+        labels=str(folder / "lab.tif"),
+        val_slices=(3, 3),
+        depth=3,
+        base_filters=8,
+        patch_size=64,
+        steps_per_epoch=4,
+        epochs=1,
+        precision="float32",
+        logs_dir=str(folder / "logs"),
+        models_dir=str(folder / "models"),
+    )
     keras.utils.set_random_seed(0)
-    tune_module.tune(base, search_space=folder / "space.toml", verbose=0)
+    tune_module.tune(base, tune_module.search_settings(folder / "space.toml"), verbose=0)
     return samples
 
 
@@ -74,14 +87,20 @@ def main() -> None:
         return
     results = {}
     for variant in ("clear", "keep"):
-        out = subprocess.run([sys.executable, __file__, "--trials", str(args.trials), "--variant", variant],
-                             capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [sys.executable, __file__, "--trials", str(args.trials), "--variant", variant],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         results[variant] = json.loads(out.stdout.strip().splitlines()[-1])
     for variant, label in (("clear", "clear_session between trials"), ("keep", "no clear_session")):
         samples = results[variant]
         growth = samples[-1] - samples[1]
         print(f"{label:30s} RSS after each trial (MB): {' '.join(f'{s:.0f}' for s in samples)}")
-        print(f"{'':30s} growth trial 2 -> {len(samples)}: {growth:+.0f} MB ({growth / (len(samples) - 2):+.1f} MB/trial)")
+        print(
+            f"{'':30s} growth trial 2 -> {len(samples)}: {growth:+.0f} MB ({growth / (len(samples) - 2):+.1f} MB/trial)"
+        )
 
 
 if __name__ == "__main__":

@@ -27,10 +27,10 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import tensorflow as tf
 
+from em_unet.config import AUGMENT_PLACEMENTS as PLACEMENTS
+from em_unet.config import ELASTIC_BACKENDS
 from em_unet.errors import DependencyError
 
-ELASTIC_BACKENDS = ("tensorflow", "elasticdeform")
-PLACEMENTS = ("auto", "pipeline", "step")
 # One fixed algorithm: "auto_select" differs between XLA and plain TF, which would break reproducibility.
 RNG = "philox"
 
@@ -197,9 +197,7 @@ def resample(images, masks, rows, cols):
 
     # Each pixel carries its 2x2 neighbourhood, so one gather fetches all four corners.
     padded = tf.pad(stacked, [[0, 0], [0, 1], [0, 1], [0, 0]], mode="SYMMETRIC")
-    quads = tf.concat(
-        [padded[:, :-1, :-1], padded[:, :-1, 1:], padded[:, 1:, :-1], padded[:, 1:, 1:]], axis=-1
-    )
+    quads = tf.concat([padded[:, :-1, :-1], padded[:, :-1, 1:], padded[:, 1:, :-1], padded[:, 1:, 1:]], axis=-1)
     quads = tf.reshape(quads, [-1, 4 * channels])
 
     rows = _mirror_coordinate(rows, height)
@@ -293,8 +291,12 @@ def _elasticdeform_reference(images, masks, control_displacement):
         return image_out, mask_out
 
     image_out, mask_out = tf.map_fn(
-        one, (images, masks, control_displacement),
-        fn_output_signature=(tf.TensorSpec(images.shape[1:], images.dtype), tf.TensorSpec(masks.shape[1:], masks.dtype)),
+        one,
+        (images, masks, control_displacement),
+        fn_output_signature=(
+            tf.TensorSpec(images.shape[1:], images.dtype),
+            tf.TensorSpec(masks.shape[1:], masks.dtype),
+        ),
     )
     return image_out, mask_out
 

@@ -1,20 +1,23 @@
 """EM stacks on disk and the tf.data pipelines that feed training.
 
 Stacks are ``(z, y, x)`` arrays: slices by rows by columns. They are read from a
-multi-page TIFF, a single 2-D TIFF, or a folder of per-slice TIFF/PNG files
-taken in numeric order (``2.tif`` before ``10.tif``).
+multi-page TIFF (every page of every series, in file order, so a TIFF written
+slice by slice counts whole), a single 2-D TIFF, or a folder of per-slice
+TIFF/PNG files taken in numeric order (``2.tif`` before ``10.tif``). All slices
+of a stack have one size and one type. Some compressions (LZW, which Pillow and
+Fiji write, and JPEG) are decoded by the ``imagecodecs`` package.
 
 Intensities become float32 in [0, 1]: 8-bit images are divided by 255, 16-bit
 by 65535 (the full range of the type, so brightness is comparable across
 stacks); float images already within [0, 1] are kept; anything else (other
 integer types, floats outside [0, 1]) is rescaled by the stack's own minimum
-and maximum.
+and maximum. NaN or infinite values are refused, naming the first slice that holds one.
 
 Label convention, decided in :func:`membrane_target` and nowhere else: the
 training target is 1 = membrane, 0 = cell interior. A label stack whose values
 are {0, 255} follows the ISBI 2012 convention (0 = membrane, 255 = cell
-interior); one whose values are {0, 1} is a membrane mask (1 = membrane). A
-stack with a single value is ambiguous and needs ``convention=`` set.
+interior); one whose values are {0, 1} is a membrane mask (1 = membrane). Labels
+need both membrane and cell interior pixels: a stack with a single value is refused.
 
 Slices smaller than the patch size are an error (no silent padding): choose a
 smaller ``patch_size``.
@@ -31,10 +34,10 @@ import numpy as np
 import tensorflow as tf
 
 from em_unet.augment import RNG, AugmentConfig, augment_batch
-from em_unet.errors import DataError
+from em_unet.config import LABEL_CONVENTIONS
+from em_unet.errors import DataError, DependencyError, EmUnetError
 
 SLICE_SUFFIXES = (".tif", ".tiff", ".png")
-LABEL_CONVENTIONS = ("auto", "isbi", "mask")
 
 
 # ---------------------------------------------------------------- reading
@@ -42,6 +45,25 @@ LABEL_CONVENTIONS = ("auto", "isbi", "mask")
 
 def _natural_key(path: Path):
     return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", path.name)]
+
+
+def check_finite(values: np.ndarray, source: str, why: str, first_slice: int = 0) -> None:
+    """One-line :class:`DataError` naming the first slice of ``values`` that holds NaN or an infinity.
+
+    ``values`` is a ``(z, y, x)`` stack or one ``(y, x)`` slice; ``first_slice`` is the index in the
+    stack of its first slice. ``why`` says what valid data holds. Integer data always passes.
+    """
+    if not np.issubdtype(values.dtype, np.inexact):
+        return
+    bad = ~np.isfinite(values)
+    if not bad.any():
+        return
+    where = tuple(int(i) for i in np.argwhere(bad)[0])
+    z = first_slice + (where[0] if values.ndim >= 3 else 0)
+    raise DataError(
+        f"{source}: NaN or infinite value at slice {z} ({float(values[where]):g} at row {where[-2]}, "
+        f"column {where[-1]}); {why}"
+    )
 
 
 class _TiffProblems(logging.Handler):
@@ -55,8 +77,98 @@ class _TiffProblems(logging.Handler):
         self.messages.append(record.getMessage())
 
 
+def _missing_codec(page) -> str | None:
+    """Why tifffile cannot decode ``page`` (its compression or predictor), or None when it can."""
+    from tifffile import TIFF
+
+    for table, key in ((TIFF.DECOMPRESSORS, page.compression), (TIFF.UNPREDICTORS, page.predictor)):
+        try:
+            table[key]
+        except KeyError as err:
+            return str(err.args[0] if err.args else err)
+    return None
+
+
+def _codec_error(path: Path, reason: str) -> EmUnetError:
+    """The one-line error for a TIFF encoding tifffile cannot decode (``reason`` is tifffile's)."""
+    match = re.search(r"<(COMPRESSION|PREDICTOR)\.(\w+)", reason)
+    what = f"{match[2]} {match[1].lower()}" if match else "encoding"
+    if "imagecodecs" in reason:
+        return DependencyError(
+            f"{path}: reading this TIFF's {what} needs the imagecodecs package, which is not "
+            "installed: pip install imagecodecs"
+        )
+    return DataError(f"{path}: this TIFF's {what} cannot be decoded ({reason})")
+
+
+def _tiff_parts(path: Path, tif) -> list:
+    """What to read of an open TIFF, in file order: single pages (one slice each) and packed series
+    (several slices in fewer pages, read whole). Refuses, before any pixel is read, slices of another
+    size or type than page 0, colour, and compressions that cannot be decoded here.
+
+    Every series counts: a stack written slice by slice (``tifffile.imwrite(..., append=True)``)
+    holds one series per slice. Reduced-resolution pages (thumbnails, previews) are not slices.
+    """
+    from tifffile import TiffPageSeries
+
+    parts: list = []
+    for series in tif.series:
+        pages = [p for p in series.pages if p is not None]
+        keyframe = series.keyframe
+        if getattr(keyframe, "is_reduced", False):
+            continue
+        if getattr(keyframe, "samplesperpixel", 1) > 1:
+            raise DataError(
+                f"{path}: {keyframe.samplesperpixel} samples per pixel (RGB or multi-channel); "
+                "em-unet needs grayscale slices: convert the stack to 8- or 16-bit grayscale"
+            )
+        if series.size == 0:
+            raise DataError(f"{path}: empty stack (shape {series.shape})")
+        if len(series.shape) not in (2, 3):
+            raise DataError(f"{path}: expected a grayscale stack (z, y, x), got shape {series.shape}")
+        if len(series.shape) == 3 and len(pages) == series.shape[0] or len(series.shape) == 2 and len(pages) == 1:
+            parts.extend(pages)
+        else:
+            parts.append(series)
+
+    def position(part) -> int:
+        index = (part.pages[0] if isinstance(part, TiffPageSeries) else part).index
+        return index if isinstance(index, int) else index[0]
+
+    # tifffile groups the pages of a generic TIFF by layout, not by position: file order is slice order
+    parts.sort(key=position)
+    first = None
+    slice_index = 0
+    codecs_checked = set()
+    for part in parts:
+        packed = isinstance(part, TiffPageSeries)
+        shape, dtype = tuple(part.shape[-2:]), part.dtype
+        page = part.keyframe  # a TiffFrame's layout and compression are its keyframe's
+        if first is None:
+            first = shape, dtype
+        elif shape != first[0]:
+            raise DataError(
+                f"{path}: page {slice_index} is {shape[0]} x {shape[1]} px but page 0 is "
+                f"{first[0][0]} x {first[0][1]} px: every slice of a stack must have the same size"
+            )
+        elif dtype != first[1]:
+            raise DataError(
+                f"{path}: page {slice_index} holds {dtype} values but page 0 holds {first[1]}: "
+                "every slice of a stack must have the same type"
+            )
+        codec = (page.compression, page.predictor)
+        if codec not in codecs_checked:
+            reason = _missing_codec(page)
+            if reason:
+                raise _codec_error(path, reason)
+            codecs_checked.add(codec)
+        slice_index += part.shape[0] if packed and len(part.shape) == 3 else 1
+    return parts
+
+
 def _iter_tiff(path: Path) -> Iterator[np.ndarray]:
-    """Slices of a TIFF one page at a time, so a long stack is never all in memory."""
+    """Slices of a TIFF, every page of every series in file order, one page at a time, so a long
+    stack is never all in memory (a packed series, with several slices per page, is read whole)."""
     import tifffile
 
     problems = _TiffProblems()
@@ -72,33 +184,24 @@ def _iter_tiff(path: Path) -> Iterator[np.ndarray]:
         with tifffile.TiffFile(path) as tif:
             if not tif.pages:
                 raise DataError(f"{path}: the TIFF holds no slices (empty stack)")
-            page = tif.pages[0]
-            if getattr(page, "samplesperpixel", 1) > 1:
-                raise DataError(
-                    f"{path}: {page.samplesperpixel} samples per pixel (RGB or multi-channel); "
-                    "em-unet needs grayscale slices: convert the stack to 8- or 16-bit grayscale"
-                )
-            series = tif.series[0]
+            parts = _tiff_parts(path, tif)
             check_log()
-            if series.size == 0:
-                raise DataError(f"{path}: empty stack (shape {series.shape})")
-            if len(series.shape) not in (2, 3):
-                raise DataError(f"{path}: expected a grayscale stack (z, y, x), got shape {series.shape}")
-            pages = [p for p in series.pages if p is not None]
-            if len(series.shape) == 3 and len(pages) == series.shape[0]:
-                for page in pages:
-                    array = page.asarray()
-                    check_log()
-                    yield array
-            else:  # one slice, or slices packed without one page each
-                array = series.asarray()
+            if not parts:
+                raise DataError(f"{path}: the TIFF holds no slices (empty stack)")
+            for part in parts:
+                array = part.asarray()
                 check_log()
-                yield from (array[None] if array.ndim == 2 else array)
-    except DataError:
+                if isinstance(part, tifffile.TiffPageSeries) and array.ndim == 3:
+                    yield from array
+                else:
+                    yield array
+    except EmUnetError:
         raise
     except tifffile.TiffFileError as err:
         raise DataError(f"{path}: not a readable TIFF file ({err})") from None
     except Exception as err:  # truncated or corrupt data surfaces as many exception types
+        if "imagecodecs" in str(err):  # a codec the checks above could not foresee (e.g. inside a tile)
+            raise _codec_error(path, str(err).replace("\n", " ")) from None
         raise DataError(f"{path}: the TIFF is truncated or corrupt ({type(err).__name__}: {err})") from None
     finally:
         logger.removeHandler(problems)
@@ -119,13 +222,37 @@ def _read_png(path: Path) -> np.ndarray:
     return array
 
 
+VOLUME_SLAB_BYTES = 256 * 2**20  # at most this much of a chunked volume is held in memory at once
+
+
+def _iter_volume(address: str | Path) -> Iterator[np.ndarray]:
+    """Slices of an HDF5/Zarr/OME-Zarr volume, read one chunk-deep slab at a time."""
+    from em_unet.volumes import open_volume
+
+    with open_volume(address) as volume:
+        slice_bytes = volume.shape[1] * volume.shape[2] * volume.dtype.itemsize
+        # every chunk a slice touches is decoded whole: reading a chunk's depth of slices at once decodes it once
+        depth = max(1, min(volume.chunks[0], VOLUME_SLAB_BYTES // slice_bytes))
+        for first in range(0, volume.shape[0], depth):
+            yield from volume[first : first + depth]
+
+
 def iter_slices(path: str | Path) -> Iterator[np.ndarray]:
     """Yield the 2-D slices of a stack in their stored dtype, one at a time.
 
-    ``path`` is a multi-page TIFF, a single 2-D TIFF or PNG, or a folder of
-    per-slice TIFF/PNG files in numeric order. Raises :class:`DataError` with a
-    one-line message for anything that is not a grayscale stack.
+    ``path`` is a multi-page TIFF, a single 2-D TIFF or PNG, a folder of
+    per-slice TIFF/PNG files in numeric order, or a volume address (an HDF5
+    dataset, a Zarr array or an OME-Zarr image: see :mod:`em_unet.volumes`),
+    read a slab of chunks at a time (at most :data:`VOLUME_SLAB_BYTES` bytes)
+    so that a volume larger than memory is never whole in it. Raises
+    :class:`DataError` with a one-line message for anything that is not a
+    grayscale stack.
     """
+    from em_unet.volumes import is_volume_address
+
+    if is_volume_address(path):
+        yield from _iter_volume(path)
+        return
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: no such file or folder")
@@ -135,15 +262,20 @@ def iter_slices(path: str | Path) -> Iterator[np.ndarray]:
             raise DataError(f"{path}: the folder holds no .tif/.tiff/.png slices (empty stack)")
     else:
         files = [path]
-    first_shape = None
+    first = None
     for file in files:
         for array in _iter_tiff(file) if file.suffix.lower() != ".png" else [_read_png(file)]:
             if array.ndim != 2:
                 raise DataError(f"{file}: expected 2-D grayscale slices, got shape {array.shape}")
-            if first_shape is None:
-                first_shape = array.shape
-            elif array.shape != first_shape:
-                raise DataError(f"{file}: slice shape {array.shape} differs from {first_shape} of {files[0]}")
+            if first is None:
+                first = array
+            elif array.shape != first.shape:
+                raise DataError(f"{file}: slice shape {array.shape} differs from {first.shape} of {files[0]}")
+            elif array.dtype != first.dtype:  # one scaling rule per stack: 8-bit and 16-bit slices cannot mix
+                raise DataError(
+                    f"{file}: slices hold {array.dtype} values but those of {files[0]} hold "
+                    f"{first.dtype}: every slice of a stack must have the same type"
+                )
             yield array
 
 
@@ -155,23 +287,38 @@ def read_stack(path: str | Path) -> np.ndarray:
     return stack
 
 
+IMAGE_VALUES = "an EM image must hold finite intensities"
+
+
 def iter_image_slices(path: str | Path) -> Iterator[np.ndarray]:
-    """Yield float32 slices in [0, 1] one at a time, scaled as :func:`to_unit_range` scales the whole stack."""
-    first = next(iter_slices(path))
+    """Yield float32 slices in [0, 1] one at a time, scaled as :func:`to_unit_range` scales the whole stack.
+
+    Slices of other types than 8/16-bit are read twice: a first pass finds the stack's range and
+    refuses NaN and infinite values (naming the first slice that holds one) before any is yielded.
+    """
+    slices = iter_slices(path)
+    first = next(slices)
+    slices.close()
     if first.dtype in (np.uint8, np.uint16, bool):
         yield from (to_unit_range(s) for s in iter_slices(path))
         return
-    low = high = None
-    for array in iter_slices(path):  # a first pass finds the stack's range
-        low = min(float(array.min()), low if low is not None else np.inf)
-        high = max(float(array.max()), high if high is not None else -np.inf)
+    low, high = np.inf, -np.inf
+    for index, array in enumerate(iter_slices(path)):
+        slice_low, slice_high = float(array.min()), float(array.max())
+        if not (np.isfinite(slice_low) and np.isfinite(slice_high)):  # NaN spreads into min/max: no extra pass
+            check_finite(array, str(path), IMAGE_VALUES, first_slice=index)
+        low, high = min(low, slice_low), max(high, slice_high)
     yield from (to_unit_range(s, low, high) for s in iter_slices(path))
 
 
-def to_unit_range(stack: np.ndarray, low: float | None = None, high: float | None = None) -> np.ndarray:
+def to_unit_range(
+    stack: np.ndarray, low: float | None = None, high: float | None = None, source: str = "image stack"
+) -> np.ndarray:
     """Map intensities to float32 in [0, 1] (see the module docstring for the rule).
 
-    ``low`` and ``high`` give the whole stack's range when ``stack`` is one slice of it.
+    ``low`` and ``high`` give the whole stack's range when ``stack`` is one slice of it (the caller
+    has then checked the values). Otherwise NaN or infinite values are a :class:`DataError` naming
+    ``source`` and the first slice that holds one.
     """
     if stack.dtype == np.uint8:
         return stack.astype(np.float32) / 255.0
@@ -181,8 +328,10 @@ def to_unit_range(stack: np.ndarray, low: float | None = None, high: float | Non
         return stack.astype(np.float32)
     is_float = np.issubdtype(stack.dtype, np.floating)
     stack = stack.astype(np.float32)
-    low = float(stack.min()) if low is None else low
-    high = float(stack.max()) if high is None else high
+    if low is None or high is None:
+        low, high = float(stack.min()), float(stack.max())
+        if not (np.isfinite(low) and np.isfinite(high)):  # NaN spreads into min/max: no extra pass when clean
+            check_finite(stack, source, IMAGE_VALUES)
     if is_float and low >= 0.0 and high <= 1.0:
         return stack
     return (stack - low) / (high - low) if high > low else np.zeros_like(stack)
@@ -193,9 +342,12 @@ def membrane_target(labels: np.ndarray, convention: str = "auto", source: str = 
 
     ``convention``: ``"isbi"`` (0 = membrane, 255 = interior), ``"mask"``
     (1 = membrane, 0 = interior) or ``"auto"`` ({0, 255} -> isbi, {0, 1} -> mask).
+    Refused with a one-line :class:`DataError` naming ``source``: values outside the convention,
+    NaN or infinite values, and labels with no membrane pixel or no cell interior pixel at all.
     """
     if convention not in LABEL_CONVENTIONS:
         raise ValueError(f"label convention must be one of {LABEL_CONVENTIONS}, got {convention!r}")
+    check_finite(labels, source, "labels are 0 = membrane, 255 = interior (ISBI) or a 0/1 membrane mask")
     values = np.unique(labels)
     shown = ", ".join(str(v) for v in values[:10]) + (", ..." if len(values) > 10 else "")
     allowed = {"isbi": {0, 255}, "mask": {0, 1}}
@@ -207,22 +359,34 @@ def membrane_target(labels: np.ndarray, convention: str = "auto", source: str = 
                 f"{source}: label values {{{shown}}} are neither ISBI labels {{0, 255}} (0 = membrane) "
                 "nor a membrane mask {0, 1} (1 = membrane)"
             )
-        if len(fitting) > 1:
+        if len(fitting) > 1:  # only a stack of zeros fits both
             raise DataError(
-                f"{source}: every label is {shown}; ambiguous between the ISBI convention (0 = membrane) "
-                "and a 0/1 mask (1 = membrane): set the label convention explicitly"
+                f"{source}: every label is {shown}: all membrane in the ISBI convention (0 = membrane) and "
+                "no membrane in a 0/1 mask (1 = membrane); labels need membrane and cell interior pixels"
             )
         convention = fitting[0]
     elif not found <= allowed[convention]:
-        raise DataError(f"{source}: label values {{{shown}}} do not fit the {convention} convention {sorted(allowed[convention])}")
-    if convention == "isbi":
-        return (labels == 0).astype(np.float32)
-    return (labels == 1).astype(np.float32)
+        raise DataError(
+            f"{source}: label values {{{shown}}} do not fit the {convention} convention {sorted(allowed[convention])}"
+        )
+    membrane, interior = (0, 255) if convention == "isbi" else (1, 0)
+    named = "the ISBI convention" if convention == "isbi" else "a 0/1 mask"
+    if membrane not in found:
+        raise DataError(
+            f"{source}: no membrane pixel ({membrane} in {named}) in any slice: every label is "
+            f"{shown}; labels need membrane and cell interior pixels"
+        )
+    if interior not in found:
+        raise DataError(
+            f"{source}: every pixel is membrane ({membrane} in {named}): no cell interior pixel "
+            f"({interior}) in any slice; labels need membrane and cell interior pixels"
+        )
+    return (labels == membrane).astype(np.float32)
 
 
 def load_image_stack(path: str | Path) -> np.ndarray:
     """Read an EM stack as float32 ``(z, y, x)`` in [0, 1]."""
-    return to_unit_range(read_stack(path))
+    return to_unit_range(read_stack(path), source=str(path))
 
 
 def load_labelled_stack(
@@ -240,18 +404,6 @@ def load_labelled_stack(
 
 
 # ---------------------------------------------------------------- splitting
-
-
-def parse_slice_range(text: str) -> tuple[int, int]:
-    """``"15-19"`` -> (15, 19), inclusive slice indices; ``"7"`` -> (7, 7)."""
-    match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+))?\s*", text)
-    if not match:
-        raise ValueError(f"slice range {text!r} is not of the form FIRST-LAST (e.g. 15-19)")
-    first = int(match.group(1))
-    last = int(match.group(2)) if match.group(2) else first
-    if last < first:
-        raise ValueError(f"slice range {text!r}: last slice {last} is before first slice {first}")
-    return first, last
 
 
 def split_slices(
@@ -362,7 +514,8 @@ def tile_origins(size: int, patch_size: int) -> list[int]:
 def validation_dataset(
     images: np.ndarray, targets: np.ndarray, patch_size: int = 256, batch_size: int = 4
 ) -> tf.data.Dataset:
-    """Fixed, unaugmented crops that cover every validation slice (the last crop in a row/column is flush with the edge)."""
+    """Fixed, unaugmented crops that cover every validation slice (the last crop in a row or column is flush
+    with the edge)."""
     check_patch_size(images.shape, patch_size)
     images = _as_channels_last(images)
     targets = _as_channels_last(targets)

@@ -5,6 +5,10 @@ class EmUnetError(Exception):
     """Base class: the CLI prints ``em-unet: error: <message>`` and exits with status 2."""
 
 
+class ConfigError(EmUnetError, ValueError):
+    """A setting (flag, TOML or config.json entry) outside its valid values."""
+
+
 class DataError(EmUnetError, ValueError):
     """An image or label stack that cannot be used (missing, corrupt, wrong shape or values)."""
 

@@ -26,19 +26,59 @@ def find_runs(root: str | Path) -> list[Path]:
         raise EmUnetError(f"{root}: no such folder")
     if is_run(root):
         return [root]
-    runs = [folder for folder in sorted(root.rglob("*")) if folder.is_dir() and is_run(folder)
-            and not any(part.startswith(".") for part in folder.relative_to(root).parts)]
+    runs = [
+        folder
+        for folder in sorted(root.rglob("*"))
+        if folder.is_dir()
+        and is_run(folder)
+        and not any(part.startswith(".") for part in folder.relative_to(root).parts)
+    ]
     if not runs:
         raise EmUnetError(f"{root}: no training run found (no history.csv or TensorBoard train/ events below it)")
     return runs
 
 
+HISTORY_COLUMNS = "epoch, loss, val_loss, ... as Keras's CSVLogger writes them"
+
+
 def _read_csv(path: Path) -> dict[str, np.ndarray]:
-    with open(path, newline="") as handle:
-        rows = list(csv.DictReader(handle))
+    """Per-epoch columns of a ``history.csv``; a malformed file is a one-line error naming it."""
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            reader = csv.reader(handle)
+            # blank lines, e.g. a trailing one, hold no epoch; line numbers are the file's, for the message
+            rows = [(reader.line_num, row) for row in reader if row]
+    except UnicodeDecodeError:
+        raise EmUnetError(f"{path}: not a text CSV file (binary data); expected columns {HISTORY_COLUMNS}") from None
+    except csv.Error as err:  # e.g. NUL bytes
+        raise EmUnetError(f"{path}: not a readable CSV file ({err}); expected columns {HISTORY_COLUMNS}") from None
+    except OSError as err:
+        raise EmUnetError(f"{path}: cannot read ({err.strerror})") from None
     if not rows:
-        raise EmUnetError(f"{path}: no epochs recorded")
-    return {key: np.array([float(row[key]) for row in rows]) for key in rows[0] if key != "epoch"}
+        raise EmUnetError(f"{path}: empty file; expected columns {HISTORY_COLUMNS}")
+    header, records = [name.strip() for name in rows[0][1]], rows[1:]
+    if "loss" not in header:
+        raise EmUnetError(
+            f"{path}: no 'loss' column (columns found: {', '.join(map(repr, header))[:200]}); "
+            f"expected columns {HISTORY_COLUMNS}"
+        )
+    if not records:
+        raise EmUnetError(f"{path}: no epochs recorded (only the header line)")
+    columns: dict[str, list[float]] = {name: [] for name in header if name != "epoch"}
+    for line, record in records:
+        if len(record) != len(header):
+            raise EmUnetError(
+                f"{path}: line {line} has {len(record)} values but the header has {len(header)} "
+                "columns (a ragged or cut row)"
+            )
+        for name, text in zip(header, record):
+            if name == "epoch":
+                continue
+            try:
+                columns[name].append(float(text))  # "nan" and "inf" are real records of a diverged run
+            except ValueError:
+                raise EmUnetError(f"{path}: line {line}, column {name!r}: {text[:40]!r} is not a number") from None
+    return {name: np.array(values) for name, values in columns.items()}
 
 
 def _read_events(folder: Path, prefix: str) -> dict[str, np.ndarray]:
@@ -53,7 +93,7 @@ def _read_events(folder: Path, prefix: str) -> dict[str, np.ndarray]:
                     if not value.tag.startswith("epoch_"):
                         continue
                     number = float(tf.make_ndarray(value.tensor)) if value.HasField("tensor") else value.simple_value
-                    values.setdefault(prefix + value.tag[len("epoch_"):], {})[int(event.step)] = number
+                    values.setdefault(prefix + value.tag[len("epoch_") :], {})[int(event.step)] = number
         except tf.errors.DataLossError:
             continue  # a run killed while writing leaves a truncated last record; the epochs before it count
     return {key: np.array([steps[s] for s in sorted(steps)]) for key, steps in values.items()}
@@ -73,5 +113,18 @@ def read_history(run_dir: str | Path) -> dict[str, np.ndarray]:
 
 
 def read_json(path: Path) -> dict:
-    """A run's JSON record (config.json, scores.json), or {} when it is absent."""
-    return json.loads(path.read_text()) if path.is_file() else {}
+    """A run's JSON record (config.json, scores.json), or {} when it is absent; a malformed one is a
+    one-line error naming it."""
+    if not path.is_file():
+        return {}
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise EmUnetError(f"{path}: not a text JSON file (binary data)") from None
+    except json.JSONDecodeError as err:
+        raise EmUnetError(f"{path}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})") from None
+    except OSError as err:
+        raise EmUnetError(f"{path}: cannot read ({err.strerror})") from None
+    if not isinstance(record, dict):
+        raise EmUnetError(f"{path}: expected a JSON object ({{...}}), found a {type(record).__name__}")
+    return record

@@ -7,7 +7,7 @@ import keras
 import numpy as np
 from keras import ops
 
-LOSSES = ("bce", "dice", "bce_dice", "weighted_bce")
+from em_unet.config import LOSSES
 
 
 def _membrane(y_true):
@@ -66,8 +66,10 @@ def dice(y_true, y_pred):
 
 
 def metrics() -> list:
-    return [keras.metrics.MeanMetricWrapper(pixel_accuracy, name="pixel_accuracy"),
-            keras.metrics.MeanMetricWrapper(dice, name="dice")]
+    return [
+        keras.metrics.MeanMetricWrapper(pixel_accuracy, name="pixel_accuracy"),
+        keras.metrics.MeanMetricWrapper(dice, name="dice"),
+    ]
 
 
 def border_weight_map(membrane_target: np.ndarray, w0: float = 10.0, sigma_px: float = 5.0) -> np.ndarray:
@@ -93,7 +95,9 @@ def border_weight_map(membrane_target: np.ndarray, w0: float = 10.0, sigma_px: f
     for index, box in enumerate(ndimage.find_objects(cells), start=1):
         if box is None:
             continue
-        window = tuple(slice(max(s.start - reach, 0), min(s.stop + reach, size)) for s, size in zip(box, membrane.shape))
+        window = tuple(
+            slice(max(s.start - reach, 0), min(s.stop + reach, size)) for s, size in zip(box, membrane.shape)
+        )
         distance = ndimage.distance_transform_edt(cells[window] != index)
         near, second = d1[window], d2[window]
         d2[window] = np.where(distance < near, near, np.minimum(second, distance))

@@ -30,5 +30,12 @@ def machine_description() -> str:
     model = _cpuinfo().get("model name") or platform.processor() or platform.machine()
     bf16 = [name for flag, name in (("amx_bf16", "AMX-BF16"), ("avx512_bf16", "AVX512-BF16")) if flag in cpu_flags()]
     gpus = tf.config.list_physical_devices("GPU")
-    return ", ".join([model, f"{os.cpu_count()} cores", *bf16, f"TensorFlow {tf.__version__}",
-                      f"{len(gpus)} GPU" if gpus else "no GPU"])
+    return ", ".join(
+        [
+            model,
+            f"{os.cpu_count()} cores",
+            *bf16,
+            f"TensorFlow {tf.__version__}",
+            f"{len(gpus)} GPU" if gpus else "no GPU",
+        ]
+    )

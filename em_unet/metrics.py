@@ -96,8 +96,9 @@ def slice_counts(proposal: np.ndarray, truth: np.ndarray) -> dict[str, float]:
     foreground = truth > 0
     n = int(foreground.sum())
     if n == 0:
-        return dict.fromkeys(("tp", "fp", "fn", "h_truth", "h_proposal", "h_truth_given_proposal",
-                              "h_proposal_given_truth"), 0.0)
+        return dict.fromkeys(
+            ("tp", "fp", "fn", "h_truth", "h_proposal", "h_truth_given_proposal", "h_proposal_given_truth"), 0.0
+        )
     rows = truth[foreground].astype(np.int64)
     cols = proposal[foreground].astype(np.int64)
     boundary = cols == 0
@@ -123,7 +124,9 @@ def slice_counts(proposal: np.ndarray, truth: np.ndarray) -> dict[str, float]:
     sum_proposal = plogp(proposal_sizes) - singleton
     sum_joint = plogp(joint) - singleton
     return {
-        "tp": tp, "fp": fp, "fn": fn,
+        "tp": tp,
+        "fp": fp,
+        "fn": fn,
         "h_truth": -sum_truth,
         "h_proposal": -sum_proposal,
         "h_truth_given_proposal": sum_proposal - sum_joint,
@@ -144,9 +147,17 @@ def pooled_scores(counts: Iterable[dict[str, float]]) -> dict[str, float]:
     # entropy (one segment, nothing to split or merge) scores 1 here where Java would divide by zero.
     info_merge = (h_truth - total["h_truth_given_proposal"]) / h_truth if h_truth > 0 else 1.0
     info_split = (h_proposal - total["h_proposal_given_truth"]) / h_proposal if h_proposal > 0 else 1.0
-    return {key: float(value) for key, value in (
-        ("v_rand", _harmonic(rand_split, rand_merge)), ("v_rand_split", rand_split), ("v_rand_merge", rand_merge),
-        ("v_info", _harmonic(info_split, info_merge)), ("v_info_split", info_split), ("v_info_merge", info_merge))}
+    return {
+        key: float(value)
+        for key, value in (
+            ("v_rand", _harmonic(rand_split, rand_merge)),
+            ("v_rand_split", rand_split),
+            ("v_rand_merge", rand_merge),
+            ("v_info", _harmonic(info_split, info_merge)),
+            ("v_info_split", info_split),
+            ("v_info_merge", info_merge),
+        )
+    }
 
 
 def split_merge_scores(proposal: np.ndarray, truth: np.ndarray) -> dict[str, float]:
@@ -163,8 +174,9 @@ def _checked_pair(prediction: np.ndarray, membrane_target: np.ndarray, what: str
     return prediction, membrane_target
 
 
-def evaluate_stack(membrane_probability: np.ndarray, membrane_target: np.ndarray,
-                   thresholds: Iterable[float] = THRESHOLDS) -> dict:
+def evaluate_stack(
+    membrane_probability: np.ndarray, membrane_target: np.ndarray, thresholds: Iterable[float] = THRESHOLDS
+) -> dict:
     """ISBI scores of a probability stack against a target stack, both ``(z, y, x)`` with 1 = membrane.
 
     Returns a dict with ``v_rand``, ``v_info``, ``pixel_error`` (each the best over thresholds),
@@ -178,8 +190,11 @@ def evaluate_stack(membrane_probability: np.ndarray, membrane_target: np.ndarray
     rows = []
     for threshold in thresholds:
         row = {"threshold": round(float(threshold), 6)}
-        row.update(pooled_scores(slice_counts(thinned_proposal(p, threshold), truth)
-                                 for p, truth in zip(membrane_probability, truths)))
+        row.update(
+            pooled_scores(
+                slice_counts(thinned_proposal(p, threshold), truth) for p, truth in zip(membrane_probability, truths)
+            )
+        )
         cell = (1.0 - membrane_probability) > threshold
         tp = int((cell & true_cell).sum())
         fp = int((cell & ~true_cell).sum())
@@ -214,22 +229,23 @@ def evaluate_segments(segments: np.ndarray, membrane_target: np.ndarray) -> dict
 
 def check_probability(values: np.ndarray, source: str) -> None:
     """One-line error unless every value is a finite probability in [0, 1]."""
-    finite = np.isfinite(values)
-    if not finite.all():
-        index = np.argwhere(~finite)[0]
-        raise DataError(f"{source}: NaN or infinite value at slice {index[0]} (a membrane probability map "
-                        "must hold values in [0, 1])")
+    from em_unet.data import check_finite
+
+    check_finite(values, source, "a membrane probability map must hold values in [0, 1]")
     low, high = float(values.min()), float(values.max())
     if low < 0.0 or high > 1.0:
-        raise DataError(f"{source}: values from {low:g} to {high:g} are not probabilities in [0, 1] "
-                        "(8/16-bit maps are scaled by 255/65535; float maps must already be in [0, 1])")
+        raise DataError(
+            f"{source}: values from {low:g} to {high:g} are not probabilities in [0, 1] "
+            "(8/16-bit maps are scaled by 255/65535; float maps must already be in [0, 1])"
+        )
 
 
 def check_segments(labels: np.ndarray, source: str) -> None:
     """One-line error unless ``labels`` is a non-negative integer label image."""
     if not (np.issubdtype(labels.dtype, np.integer) or labels.dtype == bool):
-        raise DataError(f"{source}: a label image needs integer values, found {labels.dtype} "
-                        "(write segments as uint16 or uint32)")
+        raise DataError(
+            f"{source}: a label image needs integer values, found {labels.dtype} (write segments as uint16 or uint32)"
+        )
     if labels.size and labels.min() < 0:
         raise DataError(f"{source}: negative label {labels.min()} (labels are 0 = boundary, 1, 2, ... = segments)")
 
@@ -242,8 +258,10 @@ def as_probability(stack: np.ndarray, source: str) -> np.ndarray:
     if stack.dtype in (np.uint8, np.uint16):
         return to_unit_range(stack)  # the one scaling rule of 8/16-bit data
     if not np.issubdtype(stack.dtype, np.floating):
-        raise DataError(f"{source}: a probability map must be 8-bit, 16-bit or float, found {stack.dtype} "
-                        "(a label image? score it with --segments)")
+        raise DataError(
+            f"{source}: a probability map must be 8-bit, 16-bit or float, found {stack.dtype} "
+            "(a label image? score it with --segments)"
+        )
     stack = stack.astype(np.float32)
     check_probability(stack, source)
     return stack
@@ -264,8 +282,9 @@ def is_segments_file(path: str | Path) -> bool:
         return False
 
 
-def evaluate_files(prediction_path, label_path, isbi: bool = False, label_convention: str = "auto",
-                   segments: bool | None = None) -> dict:
+def evaluate_files(
+    prediction_path, label_path, isbi: bool = False, label_convention: str = "auto", segments: bool | None = None
+) -> dict:
     """Score a file against a label stack: a membrane-probability map (1 = membrane, or 1 = cell with
     ``isbi``) by :func:`evaluate_stack`, a label image by :func:`evaluate_segments`.
 
@@ -276,8 +295,9 @@ def evaluate_files(prediction_path, label_path, isbi: bool = False, label_conven
     stack = read_stack(prediction_path)
     target = membrane_target(read_stack(label_path), label_convention, source=str(label_path))
     if stack.shape != target.shape:
-        raise DataError(f"{label_path}: label shape {target.shape} differs from prediction shape {stack.shape} "
-                        f"of {prediction_path}")
+        raise DataError(
+            f"{label_path}: label shape {target.shape} differs from prediction shape {stack.shape} of {prediction_path}"
+        )
     if segments is None:
         segments = is_segments_file(prediction_path) or (stack.dtype.kind in "iu" and stack.dtype.itemsize >= 4)
     if segments:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import keras
 from keras import layers
 
+from em_unet.config import TrainConfig, check_value
 from em_unet.errors import ModelInputError
 
 UP_MODES = ("transpose", "bilinear")
@@ -77,8 +78,12 @@ def conv_block(x, filters: int, name: str, batch_norm: bool = False):
     """Two 3x3 'same' convolutions with ReLU, optionally batch-normalised."""
     for i in (1, 2):
         x = layers.Conv2D(
-            filters, 3, padding="same", use_bias=not batch_norm,
-            kernel_initializer="he_normal", name=f"{name}_conv{i}",
+            filters,
+            3,
+            padding="same",
+            use_bias=not batch_norm,
+            kernel_initializer="he_normal",
+            name=f"{name}_conv{i}",
         )(x)
         if batch_norm:
             x = layers.BatchNormalization(name=f"{name}_bn{i}")(x)
@@ -98,8 +103,8 @@ def up_block(x, skip, filters: int, name: str, up_mode: str = "transpose", batch
 
 
 def build_unet(
-    depth: int = 4,
-    base_filters: int = 32,
+    depth: int = TrainConfig.depth,
+    base_filters: int = TrainConfig.base_filters,
     channels: int = 1,
     batch_norm: bool = False,
     bottleneck_dropout: float = 0.0,
@@ -121,10 +126,8 @@ def build_unet(
         A model mapping ``(batch, height, width, channels)`` images in [0, 1] to
         ``(batch, height, width, 1)`` float32 membrane probabilities.
     """
-    if depth < 1:
-        raise ValueError(f"depth must be >= 1, got {depth}")
-    if base_filters < 1:
-        raise ValueError(f"base_filters must be >= 1, got {base_filters}")
+    for name in ("depth", "base_filters"):
+        check_value(TrainConfig.field(name), locals()[name], TrainConfig)
     if up_mode not in UP_MODES:
         raise ValueError(f"up_mode must be one of {UP_MODES}, got {up_mode!r}")
 
@@ -141,7 +144,5 @@ def build_unet(
     for level in range(depth, 0, -1):
         x = up_block(x, skips[level - 1], base_filters * 2 ** (level - 1), f"dec{level}", up_mode, batch_norm)
     # float32 output keeps the loss stable under a mixed-precision policy.
-    membrane_probability = layers.Conv2D(
-        1, 1, activation="sigmoid", dtype="float32", name="membrane_probability"
-    )(x)
+    membrane_probability = layers.Conv2D(1, 1, activation="sigmoid", dtype="float32", name="membrane_probability")(x)
     return keras.Model(image, membrane_probability, name=name or f"unet_d{depth}_f{base_filters}")

@@ -11,10 +11,12 @@ predicted and written one at a time.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from em_unet.config import PredictConfig, check_prediction_settings
 from em_unet.errors import EmUnetError
 
 OUTPUT_KINDS = ("probability", "binary")
@@ -40,9 +42,11 @@ def resolve_model_path(path: str | Path) -> Path:
 
 
 def load_predictor(path: str | Path) -> Callable[[np.ndarray], np.ndarray]:
-    """A function from float32 ``(n, h, w, 1)`` tiles to membrane probabilities of the same shape."""
-    import tensorflow as tf
+    """A function from float32 ``(n, h, w, 1)`` tiles to membrane probabilities of the same shape.
 
+    Raises a one-line :class:`EmUnetError` naming the path and the cause for a missing, corrupt or
+    foreign model (see :func:`_load`).
+    """
     path = resolve_model_path(path)
     predictor = _load(path)
 
@@ -51,10 +55,14 @@ def load_predictor(path: str | Path) -> Callable[[np.ndarray], np.ndarray]:
             return predictor(tiles)
         except Exception as err:  # TF wraps the model's own size error in staging/runtime errors
             lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
-            reason = next((line for line in lines if "does not fit" in line or "multiples of" in line),
-                          lines[0] if lines else type(err).__name__)[:300]
-            raise EmUnetError(f"{path}: the model cannot take tiles of shape {tiles.shape[1:]} ({reason}); "
-                              "choose a --tile that is a multiple of 2**depth") from None
+            reason = next(
+                (line for line in lines if "does not fit" in line or "multiples of" in line),
+                lines[0] if lines else type(err).__name__,
+            )[:300]
+            raise EmUnetError(
+                f"{path}: the model cannot take tiles of shape {tiles.shape[1:]} ({reason}); "
+                "choose a --tile that is a multiple of 2**depth"
+            ) from None
 
     return checked
 
@@ -67,20 +75,91 @@ def keras_predictor(model) -> Callable[[np.ndarray], np.ndarray]:
     return lambda tiles: serve(tf.constant(tiles)).numpy()
 
 
-def _load(path: Path):
+def _first_line(err: BaseException, limit: int = 200) -> str:
+    """The first non-empty line of an error's message (TensorFlow's run to pages), cut to ``limit`` chars."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return (lines[0] if lines else type(err).__name__)[:limit]
+
+
+def _load_keras(path: Path):
+    """A Keras 3 model from a ``.keras`` file, or a one-line error saying why the file is not one."""
+    import zipfile
+    import zlib
+
+    import keras
+
+    import em_unet.model  # noqa: F401  registers the custom layer
+
+    # Keras reports any unreadable file as "File not found": say what is wrong with it instead
+    if path.stat().st_size == 0:
+        raise EmUnetError(f"{path}: empty file (0 bytes), not a Keras model")
+    if not zipfile.is_zipfile(path):
+        raise EmUnetError(
+            f"{path}: not a Keras model file (a .keras file is a zip archive; this one is not: "
+            "truncated, or another format)"
+        )
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, zlib.error, OSError, EOFError, ValueError) as err:
+        raise EmUnetError(f"{path}: the Keras model file is corrupt ({_first_line(err)})") from None
+    if "config.json" not in names:
+        raise EmUnetError(f"{path}: not a Keras model file (its zip archive holds no config.json)")
+    if damaged:
+        raise EmUnetError(f"{path}: the Keras model file is corrupt ({damaged} in it fails its checksum)")
+    try:
+        return keras.saving.load_model(path, compile=False)
+    except Exception as err:  # a damaged config or weights file surfaces as many exception types
+        raise EmUnetError(f"{path}: cannot load the Keras model ({type(err).__name__}: {_first_line(err)})") from None
+
+
+def _load_saved_model(path: Path):
+    """em-unet's serving signature of a SavedModel folder, or a one-line error saying why there is none."""
     import tensorflow as tf
 
+    from em_unet.export import INPUT_NAME, OUTPUT_NAME, SIGNATURE
+
+    graph = path / "saved_model.pb"
+    if graph.stat().st_size == 0:
+        raise EmUnetError(f"{graph}: empty file (0 bytes), not a SavedModel")
+    try:
+        loaded = tf.saved_model.load(str(path))
+    except Exception as err:  # corrupt protocol buffers and missing variables surface as many exception types
+        reason = _first_line(err)
+        if "Cannot parse" in reason or "Wire format" in reason:
+            raise EmUnetError(f"{graph}: corrupt (not a SavedModel protocol buffer)") from None
+        if "0 MetaGraphs" in reason:
+            raise EmUnetError(f"{graph}: holds no model (0 MetaGraphs)") from None
+        if any(sign in reason for sign in ("TensorSliceReader", "variables/variables", "sstable")):
+            raise EmUnetError(
+                f"{path}: the SavedModel's weights (variables/ folder) are missing or incomplete"
+            ) from None
+        raise EmUnetError(f"{path}: cannot load the SavedModel ({type(err).__name__}: {reason})") from None
+    if SIGNATURE not in loaded.signatures:
+        found = ", ".join(loaded.signatures) or "none"
+        raise EmUnetError(
+            f"{path}: the SavedModel has no {SIGNATURE} signature (signatures: {found}); "
+            "export the model with em-unet (export_saved_model)"
+        )
+    signature = loaded.signatures[SIGNATURE]
+    inputs = sorted(signature.structured_input_signature[1])
+    outputs = sorted(signature.structured_outputs)
+    if inputs != [INPUT_NAME] or OUTPUT_NAME not in outputs:
+        raise EmUnetError(
+            f"{path}: the {SIGNATURE} signature takes {inputs} and returns {outputs}; em-unet needs "
+            f"input {INPUT_NAME!r} and output {OUTPUT_NAME!r}"
+        )
+    # the loaded object owns the variables the signature reads: keep it alive with the signature
+    return lambda tiles, _keep=loaded: signature(**{INPUT_NAME: tf.constant(tiles)})[OUTPUT_NAME].numpy()
+
+
+def _load(path: Path):
+    """A predictor from a resolved model path (see :func:`resolve_model_path`); one-line errors for
+    files that are not loadable models."""
     if path.suffix == ".keras":
-        import keras
-
-        import em_unet.model  # noqa: F401  registers the custom layer
-
-        return keras_predictor(keras.saving.load_model(path, compile=False))
-    loaded = tf.saved_model.load(str(path))
-    if "serving_default" not in loaded.signatures:
-        raise EmUnetError(f"{path}: SavedModel has no serving_default signature")
-    signature = loaded.signatures["serving_default"]
-    return lambda tiles: signature(image=tf.constant(tiles))["membrane_probability"].numpy()
+        return keras_predictor(_load_keras(path))
+    return _load_saved_model(path)
 
 
 def _ramp(side: int, margin: int, overlap: int) -> np.ndarray:
@@ -98,8 +177,10 @@ def tile_shape(height: int, width: int, tile: int | None, margin: int) -> tuple[
     multiple of 32 px and at most 1024 px a side: one forward pass per slice where that fits."""
     if tile:
         return tile, tile
+
     def fit(side):
         return min(AUTO_TILE_MAX, -(-(side + 2 * margin) // TILE_MULTIPLE) * TILE_MULTIPLE)
+
     return fit(height), fit(width)
 
 
@@ -109,6 +190,64 @@ def _tiling(size: int, tile: int, margin: int, overlap: int) -> tuple[int, int]:
     if margin < 0 or overlap < 0 or stride < 1:
         raise ValueError(f"margin {margin} px and overlap {overlap} px leave no core in {tile} px tiles")
     return stride, max(1, -(-(size + 2 * margin - tile) // stride) + 1)
+
+
+@dataclass(frozen=True)
+class TileGrid:
+    """Where the tiles of one slice of ``height`` x ``width`` px sit, in the coordinates of the slice
+    mirror-padded by ``margin`` px on the top and left (and enough on the bottom and right for whole tiles).
+
+    The grid depends only on the slice's size and the settings, so a part of a slice (a block of a
+    chunked volume) predicted with the tiles of the grid that reach into it gets exactly the values
+    the whole slice would.
+    """
+
+    height: int
+    width: int
+    tile_h: int
+    tile_w: int
+    stride_h: int
+    stride_w: int
+    rows: int
+    cols: int
+    margin: int
+    overlap: int
+
+    @property
+    def padded_shape(self) -> tuple[int, int]:
+        return (self.rows - 1) * self.stride_h + self.tile_h, (self.cols - 1) * self.stride_w + self.tile_w
+
+    @property
+    def pad_mode(self) -> str:
+        return "symmetric" if min(self.height, self.width) < 2 else "reflect"
+
+    def padded_index(self, axis: int) -> np.ndarray:
+        """For each padded row (axis 0) or column (axis 1), the row or column of the slice it mirrors."""
+        size = (self.height, self.width)[axis]
+        return np.pad(np.arange(size), (self.margin, self.padded_shape[axis] - size - self.margin), self.pad_mode)
+
+    def origins(self, region: tuple[int, int, int, int] | None = None) -> list[tuple[int, int]]:
+        """Padded (row, column) origins of the tiles, row by row; with ``region`` (y0, y1, x0, x1 of the
+        slice, pixels) only those whose window reaches into it."""
+        y0, y1, x0, x1 = region or (0, self.height, 0, self.width)
+        m = self.margin
+        rows = [r * self.stride_h for r in range(self.rows)]
+        cols = [c * self.stride_w for c in range(self.cols)]
+        return [
+            (r, c)
+            for r in rows
+            if r < y1 + m and r + self.tile_h > y0 + m
+            for c in cols
+            if c < x1 + m and c + self.tile_w > x0 + m
+        ]
+
+
+def tile_grid(height: int, width: int, tile: int | None, margin: int, overlap: int) -> TileGrid:
+    """The tile grid of a ``height`` x ``width`` px slice (see :func:`tile_shape` for ``tile=None``)."""
+    tile_h, tile_w = tile_shape(height, width, tile, margin)
+    stride_h, rows = _tiling(height, tile_h, margin, overlap)
+    stride_w, cols = _tiling(width, tile_w, margin, overlap)
+    return TileGrid(height, width, tile_h, tile_w, stride_h, stride_w, rows, cols, margin, overlap)
 
 
 def _dihedral(tiles: np.ndarray, k: int, inverse: bool = False) -> np.ndarray:
@@ -121,14 +260,51 @@ def _dihedral(tiles: np.ndarray, k: int, inverse: bool = False) -> np.ndarray:
     return tiles[:, :, ::-1] if flip else tiles
 
 
+def predict_region(
+    predictor: Callable[[np.ndarray], np.ndarray],
+    read_padded: Callable[[int, int, int, int], np.ndarray],
+    grid: TileGrid,
+    region: tuple[int, int, int, int],
+    tile_batch: int = PredictConfig.tile_batch,
+    tta: bool = PredictConfig.tta,
+) -> np.ndarray:
+    """Membrane probability (float32) of ``region`` (y0, y1, x0, x1, pixels) of one slice, from the tiles of
+    ``grid`` that reach into it; ``read_padded(r0, r1, c0, c1)`` returns that window of the mirror-padded
+    slice as float32 in [0, 1]."""
+    y0, y1, x0, x1 = region
+    origins = grid.origins(region)
+    top, left = min(r for r, _ in origins), min(c for _, c in origins)
+    bottom = max(r for r, _ in origins) + grid.tile_h
+    right = max(c for _, c in origins) + grid.tile_w
+    padded = read_padded(top, bottom, left, right)
+    window = np.outer(_ramp(grid.tile_h, grid.margin, grid.overlap), _ramp(grid.tile_w, grid.margin, grid.overlap))
+    total = np.zeros((bottom - top, right - left), np.float32)
+    weight = np.zeros((bottom - top, right - left), np.float32)
+    for start in range(0, len(origins), tile_batch):
+        batch_origins = [(r - top, c - left) for r, c in origins[start : start + tile_batch]]
+        tiles = np.stack([padded[r : r + grid.tile_h, c : c + grid.tile_w] for r, c in batch_origins])[..., None]
+        if tta:
+            out = np.mean(
+                [_dihedral(predictor(np.ascontiguousarray(_dihedral(tiles, k))), k, inverse=True) for k in range(8)],
+                axis=0,
+            )
+        else:
+            out = predictor(tiles)
+        for (r, c), probability in zip(batch_origins, out[..., 0]):
+            total[r : r + grid.tile_h, c : c + grid.tile_w] += probability * window
+            weight[r : r + grid.tile_h, c : c + grid.tile_w] += window
+    m = grid.margin
+    return (total / weight)[y0 + m - top : y1 + m - top, x0 + m - left : x1 + m - left]
+
+
 def predict_slice(
     predictor: Callable[[np.ndarray], np.ndarray],
     image: np.ndarray,
-    tile: int | None = None,
-    margin: int = 32,
-    overlap: int = 16,
-    tile_batch: int = 4,
-    tta: bool = False,
+    tile: int | None = PredictConfig.tile,
+    margin: int = PredictConfig.margin,
+    overlap: int = PredictConfig.overlap,
+    tile_batch: int = PredictConfig.tile_batch,
+    tta: bool = PredictConfig.tta,
 ) -> np.ndarray:
     """Membrane probability (float32, same shape) of one 2-D slice in [0, 1] by overlap-tile prediction.
 
@@ -141,45 +317,31 @@ def predict_slice(
         tile_batch: tiles per forward pass (sets peak memory).
         tta: average the 8 flips/rotations of every tile.
     """
+    check_prediction_settings(tile, margin, overlap, tile_batch)
     height, width = image.shape
-    tile_h, tile_w = tile_shape(height, width, tile, margin)
-    stride_h, rows = _tiling(height, tile_h, margin, overlap)
-    stride_w, cols = _tiling(width, tile_w, margin, overlap)
-    padded_h = (rows - 1) * stride_h + tile_h
-    padded_w = (cols - 1) * stride_w + tile_w
+    grid = tile_grid(height, width, tile, margin, overlap)
+    padded_h, padded_w = grid.padded_shape
     pad = ((margin, padded_h - height - margin), (margin, padded_w - width - margin))
-    padded = np.pad(image.astype(np.float32), pad, mode="symmetric" if min(height, width) < 2 else "reflect")
-    window = np.outer(_ramp(tile_h, margin, overlap), _ramp(tile_w, margin, overlap))
-    total = np.zeros((padded_h, padded_w), np.float32)
-    weight = np.zeros((padded_h, padded_w), np.float32)
-    origins = [(r * stride_h, c * stride_w) for r in range(rows) for c in range(cols)]
-    for start in range(0, len(origins), tile_batch):
-        batch_origins = origins[start : start + tile_batch]
-        tiles = np.stack([padded[r : r + tile_h, c : c + tile_w] for r, c in batch_origins])[..., None]
-        if tta:
-            out = np.mean([_dihedral(predictor(np.ascontiguousarray(_dihedral(tiles, k))), k, inverse=True)
-                           for k in range(8)], axis=0)
-        else:
-            out = predictor(tiles)
-        for (r, c), probability in zip(batch_origins, out[..., 0]):
-            total[r : r + tile_h, c : c + tile_w] += probability * window
-            weight[r : r + tile_h, c : c + tile_w] += window
-    return (total / weight)[margin : margin + height, margin : margin + width]
+    padded = np.pad(image.astype(np.float32), pad, mode=grid.pad_mode)
+    return predict_region(
+        predictor, lambda r0, r1, c0, c1: padded[r0:r1, c0:c1], grid, (0, height, 0, width), tile_batch, tta
+    )
 
 
 def predict_stack(
     predictor: Callable[[np.ndarray], np.ndarray],
     images: Iterable[np.ndarray],
-    tile: int | None = None,
-    margin: int = 32,
-    overlap: int = 16,
-    tile_batch: int = 4,
-    tta: bool = False,
+    tile: int | None = PredictConfig.tile,
+    margin: int = PredictConfig.margin,
+    overlap: int = PredictConfig.overlap,
+    tile_batch: int = PredictConfig.tile_batch,
+    tta: bool = PredictConfig.tta,
     progress: bool = False,
 ) -> Iterator[np.ndarray]:
     """Yield the membrane probability of each float32 slice in [0, 1] of ``images`` (an array or an iterator)."""
     from tqdm import tqdm
 
+    check_prediction_settings(tile, margin, overlap, tile_batch)
     for image in tqdm(images, desc="predicting", unit="slice", disable=not progress):
         yield predict_slice(predictor, image, tile, margin, overlap, tile_batch, tta)
 
@@ -188,11 +350,11 @@ def predict_file(
     model_path: str | Path,
     stack_path: str | Path,
     output_path: str | Path,
-    tile: int | None = None,
-    margin: int = 32,
-    overlap: int = 16,
-    tile_batch: int = 4,
-    tta: bool = False,
+    tile: int | None = PredictConfig.tile,
+    margin: int = PredictConfig.margin,
+    overlap: int = PredictConfig.overlap,
+    tile_batch: int = PredictConfig.tile_batch,
+    tta: bool = PredictConfig.tta,
     binary: bool = False,
     isbi: bool = False,
     overwrite: bool = False,
@@ -209,7 +371,8 @@ def predict_file(
     from em_unet.data import iter_image_slices
     from em_unet.outputs import atomic_output, check_writable
 
-    check_writable(output_path, overwrite)  # before the model loads: fail fast
+    check_prediction_settings(tile, margin, overlap, tile_batch)  # before the model loads: fail fast
+    check_writable(output_path, overwrite)
     predictor = load_predictor(model_path)
     images = iter_image_slices(stack_path)  # a bad stack fails inside atomic_output, which then leaves nothing
     with atomic_output(output_path, overwrite) as tmp:

@@ -8,7 +8,7 @@ import numpy as np
 
 from em_unet.augment import AugmentConfig, augment_batch
 from em_unet.data import check_patch_size, load_labelled_stack
-from em_unet.outputs import atomic_output
+from em_unet.outputs import atomic_output, check_writable
 
 
 def augment_preview(
@@ -27,16 +27,15 @@ def augment_preview(
     The membrane mask (1 = membrane) is outlined in colour on every panel, so a
     misalignment between image and mask would show at once.
     """
-    import matplotlib
+    from matplotlib.figure import Figure  # no pyplot: a notebook's backend stays as it is
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    check_writable(output_png, overwrite)
     images, targets = load_labelled_stack(image_path, label_path, label_convention)
     check_patch_size(images.shape, patch_size)
     rng = np.random.default_rng(seed)
     n_variants = 3
-    fig, axes = plt.subplots(n_samples, n_variants + 1, figsize=(3 * (n_variants + 1), 3 * n_samples), squeeze=False)
+    fig = Figure(figsize=(3 * (n_variants + 1), 3 * n_samples))
+    axes = fig.subplots(n_samples, n_variants + 1, squeeze=False)
     for row in range(n_samples):
         z = rng.integers(images.shape[0])
         y = rng.integers(images.shape[1] - patch_size + 1)
@@ -60,5 +59,4 @@ def augment_preview(
     output_png = Path(output_png)
     with atomic_output(output_png, overwrite) as tmp:
         fig.savefig(tmp, dpi=80, format="png")
-    plt.close(fig)
     return output_png

@@ -26,24 +26,41 @@ from pathlib import Path
 
 import numpy as np
 
+from em_unet.config import Settings, setting
 from em_unet.errors import EmUnetError
 from em_unet.metrics import SEGMENTS_SOFTWARE, as_probability, check_probability
 
 
 @dataclass(frozen=True)
-class SegmentParams:
+class SegmentParams(Settings):
     """The segmentation's parameters; see the module docstring for what each does."""
 
-    sigma_px: float = 1.0
-    seed_threshold: float = 0.05
-    merge_threshold: float = 0.5
-
-    def __post_init__(self):
-        if not (np.isfinite(self.sigma_px) and self.sigma_px >= 0):
-            raise EmUnetError(f"--sigma must be a finite number of pixels >= 0, got {self.sigma_px}")
-        for name, value in (("--seed-threshold", self.seed_threshold), ("--merge-threshold", self.merge_threshold)):
-            if not 0.0 <= value <= 1.0:
-                raise EmUnetError(f"{name} must be a membrane probability in [0, 1], got {value}")
+    sigma_px: float = setting(
+        1.0,
+        "Gaussian smoothing of the membrane probability before seeding, pixels",
+        flag="--sigma",
+        group="segmentation",
+        minimum=0.0,
+        maximum=100.0,
+        metavar="PX",
+    )
+    seed_threshold: float = setting(
+        0.05,
+        "seeds are regions whose smoothed membrane probability is below P",
+        group="segmentation",
+        minimum=0.0,
+        maximum=1.0,
+        metavar="P",
+    )
+    merge_threshold: float = setting(
+        0.5,
+        "merge neighbouring regions while the mean membrane probability on "
+        "their shared boundary is below P; 0 merges nothing",
+        group="segmentation",
+        minimum=0.0,
+        maximum=1.0,
+        metavar="P",
+    )
 
 
 def _weight_boundary(graph, src, dst, neighbour):
@@ -75,14 +92,21 @@ def segment_slice(membrane_probability: np.ndarray, params: SegmentParams = Segm
     regions = watershed(probability, markers=seeds, connectivity=1)
     if regions.max() > 1 and params.merge_threshold > 0:
         rag = graph.rag_boundary(regions, probability.astype(np.float64))
-        regions = graph.merge_hierarchical(regions, rag, thresh=params.merge_threshold, rag_copy=False,
-                                           in_place_merge=True, merge_func=_merge_nothing,
-                                           weight_func=_weight_boundary)
+        regions = graph.merge_hierarchical(
+            regions,
+            rag,
+            thresh=params.merge_threshold,
+            rag_copy=False,
+            in_place_merge=True,
+            merge_func=_merge_nothing,
+            weight_func=_weight_boundary,
+        )
     return relabel_sequential(regions.astype(np.int32) + 1)[0].astype(np.int32)
 
 
-def segment_stack(membrane_probability: np.ndarray, params: SegmentParams = SegmentParams(),
-                  progress: bool = False) -> np.ndarray:
+def segment_stack(
+    membrane_probability: np.ndarray, params: SegmentParams = SegmentParams(), progress: bool = False
+) -> np.ndarray:
     """uint32 labels of a ``(z, y, x)`` membrane-probability stack, each slice segmented in 2-D and
     labels unique across the stack (slice z's labels follow slice z-1's)."""
     from tqdm import tqdm
@@ -102,8 +126,9 @@ def segment_stack(membrane_probability: np.ndarray, params: SegmentParams = Segm
     return labels
 
 
-def write_segments(path: str | Path, labels: np.ndarray, params: SegmentParams, source: str,
-                   overwrite: bool = False) -> tuple[Path, Path]:
+def write_segments(
+    path: str | Path, labels: np.ndarray, params: SegmentParams, source: str, overwrite: bool = False
+) -> tuple[Path, Path]:
     """Write labels as a TIFF stack that opens in Fiji (uint16 where the labels fit, else uint32) and
     the parameters beside it as ``<name>.json``; both or neither (temporary names, then renames)."""
     import tifffile
@@ -117,12 +142,16 @@ def write_segments(path: str | Path, labels: np.ndarray, params: SegmentParams, 
     check_writable(sidecar, overwrite)
     fits16 = labels.max(initial=0) < 2**16
     data = labels.astype(np.uint16 if fits16 else np.uint32)
-    record = {"segment_params": asdict(params), "membrane_probability": source, "labels": int(labels.max(initial=0)),
-              "dtype": str(data.dtype), "em_unet_version": __version__}
+    record = {
+        "segment_params": asdict(params),
+        "membrane_probability": source,
+        "labels": int(labels.max(initial=0)),
+        "dtype": str(data.dtype),
+        "em_unet_version": __version__,
+    }
     with atomic_output(sidecar, overwrite) as tmp_json, atomic_output(path, overwrite) as tmp_tif:
         # ImageJ's hyperstack format has no 32-bit integers: uint32 labels go in a plain TIFF.
-        tifffile.imwrite(tmp_tif, data, imagej=fits16, software=f"{SEGMENTS_SOFTWARE} {__version__}",
-                         compression=None)
+        tifffile.imwrite(tmp_tif, data, imagej=fits16, software=f"{SEGMENTS_SOFTWARE} {__version__}", compression=None)
         tmp_json.write_text(json.dumps(record, indent=2))
     return path, sidecar
 
@@ -139,8 +168,13 @@ def check_segment_outputs(output_path: str | Path, overwrite: bool = False) -> P
     return output_path
 
 
-def segment_file(probability_path: str | Path, output_path: str | Path, params: SegmentParams = SegmentParams(),
-                 overwrite: bool = False, progress: bool = True) -> tuple[Path, Path]:
+def segment_file(
+    probability_path: str | Path,
+    output_path: str | Path,
+    params: SegmentParams = SegmentParams(),
+    overwrite: bool = False,
+    progress: bool = True,
+) -> tuple[Path, Path]:
     """``em-unet segment``: read a membrane-probability TIFF (float in [0, 1], or 8/16-bit), segment it,
     write the labels and their parameters (:func:`write_segments`)."""
     from em_unet.data import read_stack

@@ -29,20 +29,21 @@ from pathlib import Path
 
 import numpy as np
 
-from em_unet.errors import EmUnetError
+from em_unet.assembly import prepare_data, resolve_precision
+from em_unet.config import NAMING_FIELDS, TrainConfig, check_value, shipped_toml
+from em_unet.errors import ConfigError, EmUnetError
 from em_unet.history import read_history, read_json
 from em_unet.machine import machine_description
 from em_unet.outputs import atomic_output
 from em_unet.plot import plot_runs
-from em_unet.train import TrainConfig, prepare_data, resolve_precision, train
+from em_unet.train import train
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
-STUDY_CONFIG = Path(__file__).resolve().parents[1] / "tuning" / "seed-study.toml"
-NAMING_FIELDS = ("data", "labels", "label_convention", "run_name", "logs_dir", "models_dir", "model_name")
+STUDY_CONFIG = "seed-study.toml"  # ships inside the package, as em_unet/tuning/seed-study.toml
 SETTABLE_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)} - set(NAMING_FIELDS)
 DEFAULT_RULES = {"fell": 0.10, "stagnation": 0.05, "divergence": 0.10, "spike": 0.20, "worse": 0.10}
 
@@ -51,23 +52,29 @@ DEFAULT_RULES = {"fell": 0.10, "stagnation": 0.05, "divergence": 0.10, "spike": 
 
 
 def _check_settings(settings: dict, where: str) -> dict:
-    unknown = set(settings) - SETTABLE_FIELDS
-    if unknown:
-        raise EmUnetError(f"{where}: unknown settings {sorted(unknown)} (valid: the TrainConfig fields, "
-                          f"e.g. epochs, patch_size, base_filters)")
+    """Refuse unknown keys and bad values (each checked as the flag of the same name would be)."""
+    TrainConfig.check_keys(settings, where, sorted(SETTABLE_FIELDS))
+    for name, value in settings.items():
+        try:
+            check_value(TrainConfig.field(name), value, TrainConfig)
+        except ConfigError as err:
+            raise ConfigError(f"{where}: {err}") from None
     return settings
 
 
 def load_study(path: str | Path | None = None, quick: bool = False) -> dict:
     """Read and check a study TOML. Returns ``{"settings", "rules", "experiments", "path", "quick"}``;
     with ``quick`` the ``[quick]`` table overrides ``[study]``."""
-    path = Path(path) if path else STUDY_CONFIG
+    path = Path(path) if path else Path(STUDY_CONFIG)
     try:
-        spec = tomllib.loads(path.read_text())
+        spec = tomllib.loads(
+            path.read_text(encoding="utf-8") if str(path) != STUDY_CONFIG else shipped_toml(STUDY_CONFIG)
+        )
     except FileNotFoundError:
-        raise EmUnetError(f"{path}: no such study file" + ("" if path != STUDY_CONFIG else
-                          " (it ships in the em-unet checkout's tuning/; pass --config)")) from None
-    except tomllib.TOMLDecodeError as err:
+        raise EmUnetError(f"{path}: no such study file") from None
+    except IsADirectoryError:
+        raise EmUnetError(f"{path}: is a folder, not a study file") from None
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
         raise EmUnetError(f"{path}: not valid TOML ({err})") from None
     settings = dict(_check_settings(spec.get("study", {}), f"{path} [study]"))
     if quick:
@@ -83,13 +90,21 @@ def load_study(path: str | Path | None = None, quick: bool = False) -> dict:
             raise EmUnetError(f"{where}: factor {factor!r} is not a training setting")
         if not isinstance(values, list) or len(values) < 2:
             raise EmUnetError(f"{where}: values must list at least two settings of {factor}")
+        for value in values:
+            _check_settings({factor: value}, where)
         labels = experiment.get("labels") or [f"{factor} {value}" for value in values]
         if len(labels) != len(values) or len(set(labels)) != len(labels):
             raise EmUnetError(f"{where}: labels must name each of the {len(values)} values once")
-        experiments[name] = {"title": experiment.get("title", name), "factor": factor, "values": values,
-                             "labels": labels, "folders": [folder_name(label) for label in labels],
-                             "fixed": _check_settings(experiment.get("fixed", {}), where),
-                             "original": experiment.get("original", ""), "claim": experiment.get("claim", name)}
+        experiments[name] = {
+            "title": experiment.get("title", name),
+            "factor": factor,
+            "values": values,
+            "labels": labels,
+            "folders": [folder_name(label) for label in labels],
+            "fixed": _check_settings(experiment.get("fixed", {}), where),
+            "original": experiment.get("original", ""),
+            "claim": experiment.get("claim", name),
+        }
     if not experiments:
         raise EmUnetError(f"{path}: no [experiments.<name>] tables")
     return {"path": str(path), "quick": quick, "settings": settings, "rules": rules, "experiments": experiments}
@@ -113,16 +128,23 @@ class Variant:
     @property
     def key(self) -> str:
         """Equal for variants that would train identically."""
-        return json.dumps(comparable(dataclasses.asdict(self.config)), sort_keys=True)
+        return json.dumps(comparable(self.config.to_dict()), sort_keys=True)
 
 
 def comparable(config: dict) -> dict:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.items() if k in SETTABLE_FIELDS}
 
 
-def plan_variants(study: dict, data: str, labels: str, root: Path, experiments: list[str] | None = None,
-                  epochs: int | None = None, precision: str | None = None,
-                  label_convention: str = "auto") -> list[Variant]:
+def plan_variants(
+    study: dict,
+    data: str,
+    labels: str,
+    root: Path,
+    experiments: list[str] | None = None,
+    epochs: int | None = None,
+    precision: str | None = None,
+    label_convention: str = "auto",
+) -> list[Variant]:
     """Every variant of the chosen experiments, in the order the study lists them."""
     chosen = experiments or list(study["experiments"])
     unknown = [name for name in chosen if name not in study["experiments"]]
@@ -137,11 +159,16 @@ def plan_variants(study: dict, data: str, labels: str, root: Path, experiments: 
                 settings["epochs"] = epochs
             if precision:
                 settings["precision"] = precision
-            try:
-                config = TrainConfig(data=str(data), labels=str(labels), label_convention=label_convention,
-                                     logs_dir=str(root / name), run_name=folder, **settings)
-            except (TypeError, ValueError) as err:
-                raise EmUnetError(f"{study['path']} [experiments.{name}] {label}: {err}") from None
+            config = TrainConfig.from_dict(
+                settings,
+                f"{study['path']} [experiments.{name}] {label}",
+                sorted(SETTABLE_FIELDS),
+                data=str(data),
+                labels=str(labels),
+                label_convention=label_convention,
+                logs_dir=str(root / name),
+                run_name=folder,
+            )
             variants.append(Variant(name, label, value, config))
     return variants
 
@@ -155,11 +182,13 @@ def _is_finished(run_dir: Path) -> bool:
 
 def _check_finished_matches(variant: Variant) -> None:
     recorded = comparable(read_json(variant.run_dir / "config.json"))
-    wanted = comparable(dataclasses.asdict(variant.config))
+    wanted = comparable(variant.config.to_dict())
     differences = [f"{k}: {recorded.get(k)!r} there, {v!r} now" for k, v in wanted.items() if recorded.get(k) != v]
     if differences:
-        raise EmUnetError(f"{variant.run_dir} holds a finished run with other settings ({'; '.join(differences[:3])}): "
-                          f"choose another --logs-dir or move that folder away")
+        raise EmUnetError(
+            f"{variant.run_dir} holds a finished run with other settings ({'; '.join(differences[:3])}): "
+            f"choose another --logs-dir or move that folder away"
+        )
 
 
 def _set_aside(run_dir: Path, root: Path) -> Path | None:
@@ -192,10 +221,19 @@ def study_root(logs_dir: str | Path, quick: bool) -> Path:
     return Path(logs_dir) / ("study-quick" if quick else "study")
 
 
-def run_study(data: str | Path, labels: str | Path, config: str | Path | None = None,
-              experiments: list[str] | None = None, epochs: int | None = None, quick: bool = False,
-              logs_dir: str | Path = "logs", report_dir: str | Path | None = None, precision: str | None = None,
-              label_convention: str = "auto", verbose: int = 2) -> dict:
+def run_study(
+    data: str | Path,
+    labels: str | Path,
+    config: str | Path | None = None,
+    experiments: list[str] | None = None,
+    epochs: int | None = None,
+    quick: bool = False,
+    logs_dir: str | Path = "logs",
+    report_dir: str | Path | None = None,
+    precision: str | None = None,
+    label_convention: str = "auto",
+    verbose: int = 2,
+) -> dict:
     """Train every variant not yet finished, then write the report. Returns the report's contents.
 
     Run folders: ``<logs_dir>/study/<experiment>/<variant>/`` (``study-quick`` with ``quick``).
@@ -212,10 +250,20 @@ def run_study(data: str | Path, labels: str | Path, config: str | Path | None = 
     root.mkdir(parents=True, exist_ok=True)
     record_path = root / "study.json"
     record = read_json(record_path)
-    record.update({"config": study["path"], "quick": quick, "settings": study["settings"], "rules": study["rules"],
-                   "experiments": {name: {k: spec[k] for k in ("title", "factor", "values", "labels", "original", "claim")}
-                                   | {"variants": spec["folders"]} for name, spec in study["experiments"].items()},
-                   "precision": resolve_precision(variants[0].config.precision)})
+    record.update(
+        {
+            "config": study["path"],
+            "quick": quick,
+            "settings": study["settings"],
+            "rules": study["rules"],
+            "experiments": {
+                name: {k: spec[k] for k in ("title", "factor", "values", "labels", "original", "claim")}
+                | {"variants": spec["folders"]}
+                for name, spec in study["experiments"].items()
+            },
+            "precision": resolve_precision(variants[0].config.precision),
+        }
+    )
     record.setdefault("seconds", {})
     _write_json(record_path, record)
 
@@ -263,7 +311,7 @@ def tail(curve: np.ndarray) -> float:
 def late_trend(curve: np.ndarray) -> float:
     """Relative change over the second half of the epochs of a straight line fitted to them
     (negative: falling). A fit, not two single epochs, so epoch-to-epoch noise does not decide."""
-    half = curve[len(curve) // 2:]
+    half = curve[len(curve) // 2 :]
     if len(half) < 2:
         return 0.0
     slope, intercept = np.polyfit(np.arange(len(half)), half, 1)
@@ -287,13 +335,21 @@ class Judge:
 
     def fell(self, claim: str, curve: np.ndarray) -> Check:
         ratio = tail(curve) / curve[0]
-        return Check(claim, f"mean of last {TAIL_EPOCHS} epochs <= {1 - self.rules['fell']:.0%} of epoch 1",
-                     f"{curve[0]:.4g} -> {tail(curve):.4g} ({ratio:.0%})", bool(ratio <= 1 - self.rules["fell"]))
+        return Check(
+            claim,
+            f"mean of last {TAIL_EPOCHS} epochs <= {1 - self.rules['fell']:.0%} of epoch 1",
+            f"{curve[0]:.4g} -> {tail(curve):.4g} ({ratio:.0%})",
+            bool(ratio <= 1 - self.rules["fell"]),
+        )
 
     def did_not_fall(self, claim: str, curve: np.ndarray) -> Check:
         check = self.fell(claim, curve)
-        return Check(claim, f"mean of last {TAIL_EPOCHS} epochs > {1 - self.rules['fell']:.0%} of epoch 1",
-                     check.measured, not check.holds)
+        return Check(
+            claim,
+            f"mean of last {TAIL_EPOCHS} epochs > {1 - self.rules['fell']:.0%} of epoch 1",
+            check.measured,
+            not check.holds,
+        )
 
     def _trend(self, claim: str, curve: np.ndarray, rule: str, holds) -> Check:
         trend = late_trend(curve)
@@ -313,58 +369,86 @@ class Judge:
 
     def jumped(self, claim: str, curve: np.ndarray) -> Check:
         jump, epoch = worst_jump(curve)
-        return Check(claim, f"a 2nd-half epoch > {1 + self.rules['spike']:.0%} of the best so far",
-                     f"+{jump:.0%} at epoch {epoch}", jump > self.rules["spike"])
+        return Check(
+            claim,
+            f"a 2nd-half epoch > {1 + self.rules['spike']:.0%} of the best so far",
+            f"+{jump:.0%} at epoch {epoch}",
+            jump > self.rules["spike"],
+        )
 
     def fell_smoothly(self, claim: str, curve: np.ndarray) -> Check:
         falling, (jump, epoch) = self.kept_falling(claim, curve), worst_jump(curve)
         smooth = jump <= self.rules["spike"]
-        return Check(claim, f"2nd-half trend <= -{self.rules['stagnation']:.0%} and no 2nd-half epoch "
-                            f"> {1 + self.rules['spike']:.0%} of the best so far",
-                     f"{falling.measured}, worst +{jump:.0%} at epoch {epoch}", falling.holds and smooth)
+        return Check(
+            claim,
+            f"2nd-half trend <= -{self.rules['stagnation']:.0%} and no 2nd-half epoch "
+            f"> {1 + self.rules['spike']:.0%} of the best so far",
+            f"{falling.measured}, worst +{jump:.0%} at epoch {epoch}",
+            falling.holds and smooth,
+        )
 
     def clearly_worse(self, claim: str, worse: float, better: float) -> Check:
-        return Check(claim, f"min val loss > {1 + self.rules['worse']:.0%} of the other's",
-                     f"{worse:.4g} vs {better:.4g} ({worse / better:.0%})", bool(worse > (1 + self.rules["worse"]) * better))
+        return Check(
+            claim,
+            f"min val loss > {1 + self.rules['worse']:.0%} of the other's",
+            f"{worse:.4g} vs {better:.4g} ({worse / better:.0%})",
+            bool(worse > (1 + self.rules["worse"]) * better),
+        )
 
     @staticmethod
     def lowest(claim: str, what: str, values: dict[str, float], winner: str) -> Check:
         best = min(values, key=values.get)
-        return Check(claim, f"lowest {what} of all variants",
-                     ", ".join(f"{k} {v:.4g}" for k, v in values.items()), best == winner)
+        return Check(
+            claim,
+            f"lowest {what} of all variants",
+            ", ".join(f"{k} {v:.4g}" for k, v in values.items()),
+            best == winner,
+        )
 
 
 def _depth(j: Judge, runs: dict) -> list[Check]:
     shallow, deep = runs[3], runs[4]
-    return [j.fell("depth 3: training loss fell", shallow["loss"]),
-            j.stagnated("depth 3: validation loss stagnated", shallow["val_loss"]),
-            j.kept_falling("depth 4: training loss kept falling", deep["loss"]),
-            j.kept_falling("depth 4: validation loss kept falling", deep["val_loss"])]
+    return [
+        j.fell("depth 3: training loss fell", shallow["loss"]),
+        j.stagnated("depth 3: validation loss stagnated", shallow["val_loss"]),
+        j.kept_falling("depth 4: training loss kept falling", deep["loss"]),
+        j.kept_falling("depth 4: validation loss kept falling", deep["val_loss"]),
+    ]
 
 
 def _augmentation(j: Judge, runs: dict) -> list[Check]:
     raw, augmented = runs[False], runs[True]
-    return [Judge.lowest("raw: lower training loss than augmented", f"training loss (mean of last {TAIL_EPOCHS})",
-                         {"raw": tail(raw["loss"]), "augmented": tail(augmented["loss"])}, "raw"),
-            j.rose("raw: validation loss started to rise", raw["val_loss"]),
-            j.kept_falling("augmented: training loss kept falling", augmented["loss"]),
-            j.kept_falling("augmented: validation loss kept falling", augmented["val_loss"])]
+    return [
+        Judge.lowest(
+            "raw: lower training loss than augmented",
+            f"training loss (mean of last {TAIL_EPOCHS})",
+            {"raw": tail(raw["loss"]), "augmented": tail(augmented["loss"])},
+            "raw",
+        ),
+        j.rose("raw: validation loss started to rise", raw["val_loss"]),
+        j.kept_falling("augmented: training loss kept falling", augmented["loss"]),
+        j.kept_falling("augmented: validation loss kept falling", augmented["val_loss"]),
+    ]
 
 
 def _learning_rate(j: Judge, runs: dict) -> list[Check]:
     low, mid, high = runs[1e-5], runs[1e-4], runs[1e-3]
     best = {f"{k:.0e}": float(runs[k]["val_loss"].min()) for k in (1e-5, 1e-4, 1e-3)}
-    return [j.clearly_worse("1e-5 did not reach a low loss", float(low["val_loss"].min()), float(mid["val_loss"].min())),
-            j.rose("1e-3 diverged (validation loss shot up)", high["val_loss"]),
-            Judge.lowest("1e-4 was best", "minimum validation loss", best, "1e-04")]
+    return [
+        j.clearly_worse("1e-5 did not reach a low loss", float(low["val_loss"].min()), float(mid["val_loss"].min())),
+        j.rose("1e-3 diverged (validation loss shot up)", high["val_loss"]),
+        Judge.lowest("1e-4 was best", "minimum validation loss", best, "1e-04"),
+    ]
 
 
 def _optimizer(j: Judge, runs: dict) -> list[Check]:
     final = {name: tail(runs[name]["loss"]) for name in ("sgd", "adam", "adamax")}
-    return [j.did_not_fall("SGD did not reduce the loss", runs["sgd"]["loss"]),
-            Judge.lowest("Adam reached the lowest loss", f"training loss (mean of last {TAIL_EPOCHS})", final, "adam"),
-            j.jumped("Adam: validation loss showed signs of divergence", runs["adam"]["val_loss"]),
-            j.fell_smoothly("Adamax: validation loss fell smoothly", runs["adamax"]["val_loss"])]
+    return [
+        j.did_not_fall("SGD did not reduce the loss", runs["sgd"]["loss"]),
+        Judge.lowest("Adam reached the lowest loss", f"training loss (mean of last {TAIL_EPOCHS})", final, "adam"),
+        j.jumped("Adam: validation loss showed signs of divergence", runs["adam"]["val_loss"]),
+        j.fell_smoothly("Adamax: validation loss fell smoothly", runs["adamax"]["val_loss"]),
+    ]
 
 
 # claim name -> (the values the original compared, its checks)
@@ -392,8 +476,21 @@ def judge_experiment(experiment: dict, runs: dict, rules: dict) -> tuple[str, li
 # ---------------------------------------------------------------- report
 
 
-SUMMARY_COLUMNS = ("experiment", "variant", "factor", "value", "epochs", "min_val_loss", "min_val_epoch",
-                   "final_train_loss", "final_val_loss", "overfitting_gap", "v_rand", "v_info", "pixel_error")
+SUMMARY_COLUMNS = (
+    "experiment",
+    "variant",
+    "factor",
+    "value",
+    "epochs",
+    "min_val_loss",
+    "min_val_epoch",
+    "final_train_loss",
+    "final_val_loss",
+    "overfitting_gap",
+    "v_rand",
+    "v_info",
+    "pixel_error",
+)
 
 
 def epoch_noise(curves: list[np.ndarray]) -> float:
@@ -406,10 +503,17 @@ def variant_summary(history: dict, scores: dict) -> dict:
     """Per variant: minimum validation loss and its epoch (1-based), final losses, their gap, ISBI scores."""
     loss, val = history["loss"], history["val_loss"]
     best = int(np.argmin(val))
-    return {"epochs": len(loss), "min_val_loss": float(val[best]), "min_val_epoch": best + 1,
-            "final_train_loss": float(loss[-1]), "final_val_loss": float(val[-1]),
-            "overfitting_gap": float(val[-1] - loss[-1]), "v_rand": scores.get("v_rand"),
-            "v_info": scores.get("v_info"), "pixel_error": scores.get("pixel_error")}
+    return {
+        "epochs": len(loss),
+        "min_val_loss": float(val[best]),
+        "min_val_epoch": best + 1,
+        "final_train_loss": float(loss[-1]),
+        "final_val_loss": float(val[-1]),
+        "overfitting_gap": float(val[-1] - loss[-1]),
+        "v_rand": scores.get("v_rand"),
+        "v_info": scores.get("v_info"),
+        "pixel_error": scores.get("pixel_error"),
+    }
 
 
 def _fmt(value) -> str:
@@ -435,8 +539,15 @@ def write_report(root: str | Path, report_dir: str | Path | None = None) -> dict
             history = read_history(folder)
             runs[value] = history
             curves.append(history["val_loss"])
-            rows.append({"experiment": name, "variant": label, "factor": experiment["factor"], "value": value,
-                         **variant_summary(history, read_json(folder / "scores.json"))})
+            rows.append(
+                {
+                    "experiment": name,
+                    "variant": label,
+                    "factor": experiment["factor"],
+                    "value": value,
+                    **variant_summary(history, read_json(folder / "scores.json")),
+                }
+            )
         judged[name] = judge_experiment(experiment, runs, {**DEFAULT_RULES, **record["rules"]})
     if not rows:
         raise EmUnetError(f"{root}: no experiment has finished all its variants yet")
@@ -450,8 +561,12 @@ def write_report(root: str | Path, report_dir: str | Path | None = None) -> dict
         tmp.write_text(buffer.getvalue())
     with atomic_output(report_dir / "report.md", overwrite=True) as tmp:
         tmp.write_text(_report_markdown(record, rows, judged, figures, epoch_noise(curves)))
-    return {"report_dir": report_dir, "rows": rows, "figures": figures,
-            "verdicts": {name: verdict for name, (verdict, _) in judged.items()}}
+    return {
+        "report_dir": report_dir,
+        "rows": rows,
+        "figures": figures,
+        "verdicts": {name: verdict for name, (verdict, _) in judged.items()},
+    }
 
 
 def _report_markdown(record: dict, rows: list[dict], judged: dict, figures: list[Path], noise: float) -> str:
@@ -460,16 +575,20 @@ def _report_markdown(record: dict, rows: list[dict], judged: dict, figures: list
     slices = f"slices {s['slices'][0]}-{s['slices'][1]}, " if s.get("slices") else ""
     val = s.get("val_slices") or ("", "")
     lines = [
-        "# Seed study: depth, augmentation, learning rate, optimizer", "",
+        "# Seed study: depth, augmentation, learning rate, optimizer",
+        "",
         f"Budget: {s.get('epochs')} epochs of {s.get('steps_per_epoch', 'one pass of')} batches x "
         f"{s.get('batch_size')} patches of {s.get('patch_size')} x {s.get('patch_size')} px; "
         f"base filters {s.get('base_filters')}; loss {s.get('loss', 'bce')}; {slices}validation slices "
         f"{val[0]}-{val[1]}; precision {record.get('precision')}; seed {s.get('seed', 0)}"
         f"{'; quick mode' if record.get('quick') else ''}.",
-        f"Training time: {total / 60:.1f} min for {len(record.get('seconds', {}))} trained variants on {machine_description()} "
+        f"Training time: {total / 60:.1f} min for {len(record.get('seconds', {}))} trained variants on "
+        f"{machine_description()} "
         "(variants with identical settings were trained once and copied).",
-        f"Config: `{Path(record['config']).name}`. Redraw the figures with `em-unet plot <study logs folder>`.", "",
-        "## How the original conclusions are judged", "",
+        f"Config: `{Path(record['config']).name}`. Redraw the figures with `em-unet plot <study logs folder>`.",
+        "",
+        "## How the original conclusions are judged",
+        "",
         "Each conclusion is split into checks on the recorded per-epoch losses; it *holds* when every check "
         f"holds. Single epochs are noisy (in this run the validation loss changes by a median {noise:.0%} from "
         "one epoch to the next), so the rules use fitted trends and means, not single epochs:",
@@ -481,9 +600,12 @@ def _report_markdown(record: dict, rows: list[dict], judged: dict, figures: list
         f"- **signs of divergence**: in the second half, an epoch more than {rules['spike']:.0%} above the best "
         "value so far; a loss **fell smoothly** when it kept falling without such an epoch;",
         f"- a variant is **clearly worse**: its minimum validation loss exceeds the other's by more than "
-        f"{rules['worse']:.0%}.", "",
-        "| experiment | verdict |", "| --- | --- |",
-        *[f"| {record['experiments'][name]['title']} | **{verdict}** |" for name, (verdict, _) in judged.items()], "",
+        f"{rules['worse']:.0%}.",
+        "",
+        "| experiment | verdict |",
+        "| --- | --- |",
+        *[f"| {record['experiments'][name]['title']} | **{verdict}** |" for name, (verdict, _) in judged.items()],
+        "",
     ]
     if any(path.name == "overview.png" for path in figures):
         lines += ["![overview](overview.png)", ""]
@@ -492,11 +614,17 @@ def _report_markdown(record: dict, rows: list[dict], judged: dict, figures: list
         lines += [f"## {experiment['title']}", "", f"![{name}]({name}.png)", ""]
         if experiment.get("original"):
             lines += [f"Original study: {experiment['original']}", ""]
-        lines += ["| variant | min val loss (epoch) | final train loss | final val loss | gap | V_rand | V_info |",
-                  "| --- | --- | --- | --- | --- | --- | --- |"]
-        lines += [f"| {r['variant']} | {_fmt(r['min_val_loss'])} ({r['min_val_epoch']}) | {_fmt(r['final_train_loss'])} "
-                  f"| {_fmt(r['final_val_loss'])} | {_fmt(r['overfitting_gap'])} | {_fmt(r['v_rand'])} "
-                  f"| {_fmt(r['v_info'])} |" for r in rows if r["experiment"] == name]
+        lines += [
+            "| variant | min val loss (epoch) | final train loss | final val loss | gap | V_rand | V_info |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        lines += [
+            f"| {r['variant']} | {_fmt(r['min_val_loss'])} ({r['min_val_epoch']}) | {_fmt(r['final_train_loss'])} "
+            f"| {_fmt(r['final_val_loss'])} | {_fmt(r['overfitting_gap'])} | {_fmt(r['v_rand'])} "
+            f"| {_fmt(r['v_info'])} |"
+            for r in rows
+            if r["experiment"] == name
+        ]
         lines += ["", f"On this run the original conclusion **{verdict}**.", ""]
         if checks:
             lines += ["| check | rule | measured | holds |", "| --- | --- | --- | --- |"]

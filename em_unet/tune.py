@@ -1,17 +1,26 @@
-"""Hyperparameter search with KerasTuner over optimizer, learning rate and, when the
-search space lists them, depth and augmentation.
+"""Hyperparameter search with KerasTuner over the training settings a search space lists.
 
-Search spaces are TOML files (``tuning/default.toml`` is the built-in default).
-Architecture and optimizer are chosen in :meth:`UnetHyperModel.build`, training-time
-choices (augmentation, batch size, epochs) in :meth:`UnetHyperModel.fit`.
-Trials, checkpoints and per-trial TensorBoard logs (with the HParams dashboard) go
-to ``logs/tune/<project>/``; re-running the same command resumes.
+Search spaces are TOML files: ``[tuner]`` holds :class:`~em_unet.config.SearchConfig` settings
+(algorithm, max_trials, ...; flags override them) and ``[space]`` lists, per training setting, the
+values to try (``optimizer = ["sgd", "adam"]``) or a range (``learning_rate = {min = 1e-5, max = 1e-3,
+sampling = "log"}``). The built-in default is ``default.toml`` in :mod:`em_unet.tuning`.
+
+The HyperModel sits on the same training assembly as ``em-unet train`` (:mod:`em_unet.assembly`):
+architecture and optimizer settings are chosen in :meth:`UnetHyperModel.build`, training-time ones
+(augmentation, batch and crop size) in :meth:`UnetHyperModel.fit`. Every training flag ``tune`` shows
+is honoured: ``--epochs`` is the epochs of each trial (Hyperband's longest), ``--early-stopping``
+applies within each trial, ``--max-minutes`` to the whole search (no trial starts after it, and the
+running one stops at an epoch's end), ``--seed`` fixes the trials drawn and their order.
+Trials and per-trial TensorBoard logs (with the HParams dashboard) go to ``logs/tune/<project>/``;
+re-running the same command resumes.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
+import io
+import itertools
 import json
 import sys
 import time
@@ -21,98 +30,171 @@ import keras
 import keras_tuner as kt
 import tensorflow as tf
 
-from em_unet.data import training_dataset, validation_dataset
-from em_unet.distribute import (TrialHeartbeat, WorkerWatch, make_strategy, prepare_for_fit, resolve_strategy,
-                                 set_tuner_role, shardable)
-from em_unet.errors import EmUnetError
+from em_unet.assembly import (
+    build_model,
+    fit,
+    inner_unet,
+    placement_for,
+    precision_policy,
+    prepare_data,
+    run_callbacks,
+    steps_per_epoch,
+)
+from em_unet.config import (
+    BUILD_FIELDS,
+    FIT_FIELDS,
+    SAMPLINGS,
+    SearchConfig,
+    TrainConfig,
+    check_value,
+    shipped_toml,
+    value_type,
+)
+from em_unet.data import check_patch_size
+from em_unet.distribute import TrialHeartbeat, make_strategy, oracle_class, resolve_strategy, set_tuner_role
+from em_unet.errors import ConfigError, EmUnetError
 from em_unet.export import export_saved_model
-from em_unet.losses import get_loss, metrics
-from em_unet.model import build_unet
-from em_unet.train import TrainConfig, default_steps_per_epoch, make_optimizer, prepare_data, resolve_precision
+from em_unet.outputs import atomic_output, check_writable
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
-ALGORITHMS = ("hyperband", "bayesian", "random", "grid")
-DEFAULT_SEARCH_SPACE = {
-    "tuner": {"algorithm": "hyperband", "objective": "val_loss", "max_trials": 12, "max_epochs": 40,
-              "hyperband_factor": 3},
-    "space": {"optimizer": ["sgd", "adam", "adamax"],
-              "learning_rate": {"min": 1e-5, "max": 1e-3, "sampling": "log"}},
-}
+SEARCHABLE = BUILD_FIELDS + FIT_FIELDS
 
 
-def load_search_space(path: str | Path | None = None) -> dict:
-    """Read a search-space TOML (None: the built-in default)."""
-    if path is None:
-        return json.loads(json.dumps(DEFAULT_SEARCH_SPACE))
-    path = Path(path)
-    try:
-        space = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise EmUnetError(f"{path}: no such search-space file") from None
-    except tomllib.TOMLDecodeError as err:
-        raise EmUnetError(f"{path}: not valid TOML ({err})") from None
-    unknown = set(space.get("space", {})) - {"optimizer", "learning_rate", "depth", "augment"}
+# ---------------------------------------------------------------- search spaces
+
+
+def _check_space(space: dict, where: str) -> dict:
+    unknown = [key for key in space if key not in SEARCHABLE]
     if unknown:
-        raise EmUnetError(f"{path}: unknown search-space entries {sorted(unknown)}")
-    algorithm = space.get("tuner", {}).get("algorithm", "hyperband")
-    if algorithm not in ALGORITHMS:
-        raise EmUnetError(f"{path}: tuner algorithm {algorithm!r} is not one of {ALGORITHMS}")
+        raise ConfigError(f"{where} [space]: unknown search-space entries {unknown} (valid: {', '.join(SEARCHABLE)})")
+    for name, spec in space.items():
+        field = TrainConfig.field(name)
+        if isinstance(spec, list):
+            if not spec:
+                raise ConfigError(f"{where} [space] {name}: list at least one value")
+            for value in spec:
+                try:
+                    check_value(field, value, TrainConfig)
+                except ConfigError as err:
+                    raise ConfigError(f"{where} [space] {name}: {err}") from None
+            continue
+        if not isinstance(spec, dict) or not {"min", "max"} <= set(spec) or set(spec) - {"min", "max", "sampling"}:
+            raise ConfigError(
+                f'{where} [space] {name}: give a list of values or {{min = ..., max = ..., sampling = "log"}}'
+            )
+        if value_type(TrainConfig, name) not in (float, int):
+            raise ConfigError(f"{where} [space] {name}: a range needs a numeric setting; list the values instead")
+        for bound in ("min", "max"):
+            try:
+                check_value(field, spec[bound], TrainConfig)
+            except ConfigError as err:
+                raise ConfigError(f"{where} [space] {name}.{bound}: {err}") from None
+        if not spec["min"] < spec["max"]:
+            raise ConfigError(f"{where} [space] {name}: min {spec['min']} must be below max {spec['max']}")
+        sampling = spec.get("sampling", "log")
+        if sampling not in SAMPLINGS:
+            raise ConfigError(f"{where} [space] {name}: sampling {sampling!r} is not one of {', '.join(SAMPLINGS)}")
+        if sampling == "log" and spec["min"] <= 0:
+            raise ConfigError(f"{where} [space] {name}: log sampling needs min > 0")
     return space
 
 
+def load_search_space(path: str | Path | None = None) -> dict:
+    """Read and check a search-space TOML (None: the built-in ``default.toml``).
+
+    Returns ``{"tuner": {...}, "space": {...}, "path": ...}``; ``tuner`` holds only the settings the
+    file gives (defaults come from :class:`SearchConfig`)."""
+    where = str(path) if path else "default.toml (built in)"
+    try:
+        text = shipped_toml("default.toml") if path is None else Path(path).read_text(encoding="utf-8")
+        spec = tomllib.loads(text)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such search-space file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a folder, not a search-space file") from None
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
+        raise ConfigError(f"{path}: not valid TOML ({err})") from None
+    unknown = set(spec) - {"tuner", "space"}
+    if unknown:
+        raise ConfigError(f"{where}: unknown tables {sorted(unknown)} (valid: [tuner], [space])")
+    tuner = spec.get("tuner", {})
+    SearchConfig.from_dict(tuner, f"{where} [tuner]")  # checks the values; flags are layered on later
+    return {"tuner": tuner, "space": _check_space(spec.get("space", {}), where), "path": where}
+
+
+def search_settings(search_space: str | Path | None = None, given: dict | None = None) -> SearchConfig:
+    """The search's settings: defaults, then the search-space TOML's ``[tuner]``, then ``given`` (flags)."""
+    given = dict(given or {})
+    search_space = given.get("search_space", search_space)
+    tuner = load_search_space(search_space)["tuner"]
+    return SearchConfig(**{**tuner, **given, "search_space": str(search_space) if search_space else None})
+
+
+# ---------------------------------------------------------------- the HyperModel
+
+
 class UnetHyperModel(kt.HyperModel):
-    """Architecture and optimizer in ``build``; augmentation and batches in ``fit``."""
+    """Architecture and optimizer in ``build``; augmentation, batches and crops in ``fit``; both through the
+    training assembly ``em-unet train`` uses."""
 
     # Frees Keras' global state between trials. It does not stop the ~30 MB a new model's
     # fit() keeps in TF 2.21 / Keras 3.15 (keras-team/keras#17458; benchmarks/tune_memory.py).
     clear_session_between_trials = True
 
-    def __init__(self, space: dict, base: TrainConfig, data, grid: bool = False):
+    def __init__(self, space: dict, base: TrainConfig, data, deadline: float | None = None, grid: bool = False):
         super().__init__(name="em_unet")
-        self.space, self.base, self.data, self.grid = space, base, data, grid
+        self.space, self.base, self.data, self.deadline, self.grid = space, base, data, deadline, grid
+        self.placement = placement_for(base)
 
-    def _choice(self, hp, name, default):
-        values = self.space.get(name)
-        return hp.Choice(name, values) if values else default
+    def _register(self, hp, names) -> dict:
+        values = {}  # KerasTuner hands booleans back as 0/1: cast each value to its setting's type
+        for name in names:
+            spec = self.space.get(name)
+            if isinstance(spec, list):
+                values[name] = value_type(TrainConfig, name)(hp.Choice(name, spec))
+            elif isinstance(spec, dict):
+                numeric = hp.Int if value_type(TrainConfig, name) is int else hp.Float
+                sampling = spec.get("sampling", "log")
+                step = (10 if sampling == "log" else None) if self.grid else None
+                values[name] = numeric(name, spec["min"], spec["max"], sampling=sampling, step=step)
+        return values
+
+    def trial_config(self, hp, names=SEARCHABLE) -> TrainConfig:
+        """The base configuration with this trial's values of ``names``."""
+        return dataclasses.replace(self.base, **self._register(hp, names))
 
     def build(self, hp):
-        depth = self._choice(hp, "depth", self.base.depth)
-        optimizer = hp.Choice("optimizer", self.space.get("optimizer", [self.base.optimizer]))
-        rate = self.space.get("learning_rate")
-        if isinstance(rate, dict):
-            step = 10 if self.grid else None
-            learning_rate = hp.Float("learning_rate", rate["min"], rate["max"], sampling=rate.get("sampling", "log"),
-                                     step=step)
-        else:
-            learning_rate = hp.Choice("learning_rate", rate or [self.base.learning_rate])
-        model = build_unet(depth, self.base.base_filters, batch_norm=self.base.batch_norm)
-        model.compile(optimizer=make_optimizer(optimizer, learning_rate, self.base.momentum),
-                      loss=get_loss(self.base.loss), metrics=metrics())
+        config = self.trial_config(hp, BUILD_FIELDS)
+        model, _ = build_model(config, steps_per_epoch(config, self.data), self.placement)
         return model
 
-    def fit(self, hp, model, *args, **kwargs):
-        augment = self._choice(hp, "augment", self.base.augment)
-        base = self.base
-        train = training_dataset(self.data.train_images, self.data.train_targets, base.patch_size, base.batch_size,
-                                 base.seed, dataclasses.replace(base, augment=augment).augment_config())
-        val = validation_dataset(self.data.val_images, self.data.val_targets, base.patch_size, base.batch_size)
-        steps = base.steps_per_epoch or default_steps_per_epoch(self.data.train_images.shape, base.patch_size,
-                                                                base.batch_size)
-        prepare_for_fit(model, train)
-        return model.fit(shardable(train), validation_data=shardable(val), steps_per_epoch=steps, shuffle=False,
-                         **kwargs)
+    def fit(self, hp, model, *args, callbacks=None, **kwargs):
+        config = self.trial_config(hp)
+        callbacks = list(callbacks or []) + run_callbacks(config, deadline=self.deadline)
+        return fit(model, config, self.data, self.placement, callbacks=callbacks, **kwargs)
+
+
+def check_space_fits(space: dict, base: TrainConfig, data) -> None:
+    """Every listed depth / crop size fits the base settings and the slices (before any trial)."""
+    lists = {name: space[name] for name in ("depth", "patch_size") if isinstance(space.get(name), list)}
+    for values in itertools.product(*lists.values()):
+        config = dataclasses.replace(base, **dict(zip(lists, values)))
+        check_patch_size((0, *data.train_images.shape[1:3]), config.patch_size)
+
+
+# ---------------------------------------------------------------- the tuners
 
 
 IDLE_POLL_S = 1.0  # wait between asks when the oracle has no trial to give yet
 
 
 class TrialHooks:
-    """Mixed into KerasTuner's tuners: says which worker runs which trial, waits between asks
-    when the oracle answers IDLE, and (as a distributed worker) sends heartbeats during a trial."""
+    """Mixed into KerasTuner's tuners: seeds each trial, says which worker runs which trial, waits
+    between asks when the oracle answers IDLE, and (as a distributed worker) sends heartbeats."""
 
     heartbeat_s: float | None = None
 
@@ -126,6 +208,8 @@ class TrialHooks:
         self._asked_in_vain = False
         if getattr(self.hypermodel, "clear_session_between_trials", False):
             keras.backend.clear_session()  # here, not in build(): build runs inside the strategy's scope
+        seed = self.hypermodel.base.seed
+        keras.utils.set_random_seed(seed + int(trial.trial_id) if trial.trial_id.isdigit() else seed)
         values = {k: v for k, v in trial.hyperparameters.values.items() if not k.startswith("tuner/")}
         print(f"[{self.tuner_id}] trial {trial.trial_id} started: {values}", flush=True)
         self._heartbeat = TrialHeartbeat(self.oracle, trial.trial_id, self.heartbeat_s) if self.heartbeat_s else None
@@ -138,22 +222,55 @@ class TrialHooks:
         print(f"[{self.tuner_id}] trial {trial.trial_id} finished: {trial.status}", flush=True)
 
 
-TUNERS = {"hyperband": kt.Hyperband, "bayesian": kt.BayesianOptimization, "random": kt.RandomSearch,
-          "grid": kt.GridSearch}
+class EmUnetHyperband(TrialHooks, kt.Hyperband):
+    """KerasTuner's Hyperband tuner (its epoch schedule and weight hand-over) on an oracle of ours."""
+
+    def __init__(self, oracle, hypermodel, **kwargs):
+        kt.Tuner.__init__(self, oracle=oracle, hypermodel=hypermodel, **kwargs)
 
 
-def make_tuner(algorithm: str, hypermodel, tuner_cfg: dict, directory: Path, project: str, overwrite: bool, seed: int,
-               strategy=None, heartbeat_s: float | None = None):
+class EmUnetTuner(TrialHooks, kt.Tuner):
+    """KerasTuner's plain tuner, which the random, Bayesian and grid tuners are with their oracle."""
+
+
+ORACLES = {
+    "hyperband": kt.oracles.HyperbandOracle,
+    "bayesian": kt.oracles.BayesianOptimizationOracle,
+    "random": kt.oracles.RandomSearchOracle,
+    "grid": kt.oracles.GridSearchOracle,
+}
+
+
+def make_tuner(
+    search: SearchConfig,
+    hypermodel: UnetHyperModel,
+    directory: Path,
+    epochs: int,
+    seed: int,
+    strategy=None,
+    deadline: float | None = None,
+    heartbeat_s: float | None = None,
+    worker_timeout_s: float | None = None,
+):
+    """A tuner for ``search.algorithm`` whose oracle holds ``seed`` and ``deadline``."""
     if isinstance(strategy, tf.distribute.OneDeviceStrategy):
         strategy = None  # KerasTuner's default path: the same single device
-    common = dict(objective=tuner_cfg.get("objective", "val_loss"), directory=str(directory), project_name=project,
-                  overwrite=overwrite, seed=seed, distribution_strategy=strategy)
-    tuner_class = type(f"EmUnet{TUNERS[algorithm].__name__}", (TrialHooks, TUNERS[algorithm]),
-                       {"heartbeat_s": heartbeat_s})
-    if algorithm == "hyperband":
-        return tuner_class(hypermodel, max_epochs=tuner_cfg.get("max_epochs", 40),
-                           factor=tuner_cfg.get("hyperband_factor", 3), **common)
-    return tuner_class(hypermodel, max_trials=tuner_cfg.get("max_trials", 12), **common)
+    options = {"objective": search.objective, "seed": seed, "deadline": deadline, "worker_timeout_s": worker_timeout_s}
+    if search.algorithm == "hyperband":
+        oracle = oracle_class(ORACLES["hyperband"])(max_epochs=epochs, factor=search.hyperband_factor, **options)
+        tuner_class = EmUnetHyperband
+    else:
+        oracle = oracle_class(ORACLES[search.algorithm])(max_trials=search.max_trials, **options)
+        tuner_class = EmUnetTuner
+    tuner_class = type(tuner_class.__name__, (tuner_class,), {"heartbeat_s": heartbeat_s})
+    return tuner_class(
+        oracle,
+        hypermodel,
+        directory=str(directory),
+        project_name=search.project,
+        overwrite=search.overwrite,
+        distribution_strategy=strategy,
+    )
 
 
 def results_table(tuner, epochs: int) -> list[dict]:
@@ -164,69 +281,120 @@ def results_table(tuner, epochs: int) -> list[dict]:
         if trial.status != "COMPLETED":
             continue
         values = {k: v for k, v in trial.hyperparameters.values.items() if not k.startswith("tuner/")}
-        rows.append({"trial": trial_id, **values, "best_val_loss": trial.score,
-                     "epochs": trial.hyperparameters.values.get("tuner/epochs", epochs)})
+        rows.append(
+            {
+                "trial": trial_id,
+                **values,
+                f"best_{tuner.oracle.objective.name}": trial.score,
+                "epochs": trial.hyperparameters.values.get("tuner/epochs", epochs),
+            }
+        )
     return rows
 
 
-def tune(base: TrainConfig, search_space: str | Path | None = None, algorithm: str | None = None,
-         max_trials: int | None = None, max_epochs: int | None = None, project: str = "default",
-         overwrite: bool = False, verbose: int = 1, tuner_id: str | None = None, oracle_ip: str | None = None,
-         oracle_port: int | None = None, worker_timeout_s: float = 120.0) -> dict:
+def _write_table(path: Path, rows: list[dict]) -> None:
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    with atomic_output(path, overwrite=True) as tmp:
+        tmp.write_text(buffer.getvalue())
+
+
+def _export_best(tuner, base: TrainConfig, run_dir: Path) -> Path:
+    """Export the best trial's U-Net, unless this search already exported that trial (a re-run of a
+    finished search does not add a duplicate version)."""
+    best_trial = tuner.oracle.get_best_trials(1)[0]
+    record_path = run_dir / "export.json"
+    try:
+        record = json.loads(record_path.read_text())
+    except (OSError, ValueError):
+        record = {}
+    if record.get("trial") == best_trial.trial_id and (Path(record.get("export_dir", "")) / "saved_model.pb").exists():
+        print(f"the best trial ({best_trial.trial_id}) was exported before: {record['export_dir']}")
+        return Path(record["export_dir"])
+    best = inner_unet(tuner.get_best_models(1)[0])
+    export_dir = export_saved_model(best, base.model_name, base.models_dir, precision=base.export_precision)
+    with atomic_output(record_path, overwrite=True) as tmp:
+        tmp.write_text(json.dumps({"trial": best_trial.trial_id, "export_dir": str(export_dir)}, indent=2))
+    return export_dir
+
+
+def tune(base: TrainConfig, search: SearchConfig | None = None, verbose: int = 1) -> dict:
     """Run (or resume) a search; write ``results.csv``; export the best model. Returns where things went.
 
-    Distributed (KerasTuner's chief/worker mode, set by the arguments or by ``KERASTUNER_TUNER_ID``,
-    ``KERASTUNER_ORACLE_IP``, ``KERASTUNER_ORACLE_PORT``): the chief serves the oracle and, once
-    every trial has ended, writes the results table and exports; workers run trials. All of them
-    need the same ``logs_dir`` (a shared filesystem across machines). A worker silent for
-    ``worker_timeout_s`` seconds (it sends a heartbeat every quarter of that) loses its trial to
-    the others.
+    ``search`` defaults to the built-in search space's settings (:func:`search_settings`).
+    Distributed (KerasTuner's chief/worker mode, set by ``search.tuner_id`` etc. or by
+    ``KERASTUNER_TUNER_ID``, ``KERASTUNER_ORACLE_IP``, ``KERASTUNER_ORACLE_PORT``): the chief serves
+    the oracle and, once every trial has ended, writes the results table and exports; workers run
+    trials. All of them need the same ``logs_dir`` (a shared filesystem across machines). A worker
+    silent for ``search.worker_timeout`` seconds (it sends a heartbeat every quarter of that) loses
+    its trial to the others.
     """
-    role = set_tuner_role(tuner_id, oracle_ip, oracle_port)
-    if role == "worker" and overwrite:
+    search = search or search_settings()
+    role = set_tuner_role(search.tuner_id, search.oracle_ip, search.oracle_port)
+    if role == "worker" and search.overwrite:
         raise EmUnetError("--overwrite is for the chief: a worker would delete the search it joins")
     if resolve_strategy(base.strategy) == "multi-worker" and role != "worker":
-        raise EmUnetError("with --strategy multi-worker, each training cluster joins a KerasTuner chief as one "
-                          "worker: start a chief and give the processes of one cluster the same --tuner-id")
-    strategy = make_strategy(base.strategy)
-    space = load_search_space(search_space)
-    tuner_cfg = dict(space.get("tuner", {}))
-    if max_trials:
-        tuner_cfg["max_trials"] = max_trials
-    if max_epochs:
-        tuner_cfg["max_epochs"] = max_epochs
-    algorithm = algorithm or tuner_cfg.get("algorithm", "hyperband")
-    if algorithm not in ALGORITHMS:
-        raise EmUnetError(f"tuner algorithm {algorithm!r} is not one of {ALGORITHMS}")
-    data = prepare_data(base)
-    keras.mixed_precision.set_global_policy(resolve_precision(base.precision))
+        raise EmUnetError(
+            "with --strategy multi-worker, each training cluster joins a KerasTuner chief as one "
+            "worker: start a chief and give the processes of one cluster the same --tuner-id"
+        )
+    space = load_search_space(search.search_space)["space"]
     directory = Path(base.logs_dir) / "tune"
-    hypermodel = UnetHyperModel(space.get("space", {}), base, data, grid=algorithm == "grid")
-    tuner = make_tuner(algorithm, hypermodel, tuner_cfg, directory, project, overwrite, base.seed, strategy,
-                       heartbeat_s=worker_timeout_s / 4 if role == "worker" else None)
-    run_dir = directory / project
-    if role == "chief":
-        WorkerWatch(tuner.oracle, worker_timeout_s)
+    run_dir = directory / search.project
     if role != "worker":
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "search.json").write_text(json.dumps({"algorithm": algorithm, "tuner": tuner_cfg,
-                                                         "space": space.get("space", {}),
-                                                         "base": dataclasses.asdict(base)}, indent=2))
-    epochs = tuner_cfg.get("max_epochs", 40)
-    tuner.search(epochs=epochs, callbacks=[keras.callbacks.TensorBoard(str(run_dir / "tensorboard"))],
-                 verbose=verbose)
-    if role == "worker":
-        return {"role": role, "run_dir": run_dir}
-    rows = results_table(tuner, epochs)
-    if not rows:
-        raise EmUnetError(f"{run_dir}: no trial finished")
-    columns = list(dict.fromkeys(key for row in rows for key in row))
-    with open(run_dir / "results.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    best = tuner.get_best_models(1)[0]
-    keras.mixed_precision.set_global_policy("float32")
-    export_dir = export_saved_model(best, base.model_name, base.models_dir)
-    return {"role": role, "run_dir": run_dir, "rows": rows, "export_dir": export_dir,
-            "best_hyperparameters": tuner.get_best_hyperparameters(1)[0].values}
+        check_writable(run_dir / "search.json", overwrite=True)
+        check_writable(Path(base.models_dir) / base.model_name / ".next-version")
+    strategy = make_strategy(base.strategy)
+    data = prepare_data(base)
+    check_space_fits(space, base, data)
+    deadline = time.monotonic() + base.max_minutes * 60.0 if base.max_minutes else None
+    with precision_policy(base.precision) as precision:
+        hypermodel = UnetHyperModel(space, base, data, deadline, grid=search.algorithm == "grid")
+        tuner = make_tuner(
+            search,
+            hypermodel,
+            directory,
+            base.epochs,
+            base.seed,
+            strategy,
+            deadline,
+            heartbeat_s=search.worker_timeout / 4 if role == "worker" else None,
+            worker_timeout_s=search.worker_timeout if role == "chief" else None,
+        )
+        if role != "worker":
+            with atomic_output(run_dir / "search.json", overwrite=True) as tmp:
+                tmp.write_text(
+                    json.dumps(
+                        {
+                            "search": search.to_dict(),
+                            "space": space,
+                            "base": base.to_dict(),
+                            "resolved_precision": precision,
+                            "augment_placement_used": hypermodel.placement,
+                        },
+                        indent=2,
+                    )
+                )
+        tuner.search(
+            epochs=base.epochs, callbacks=[keras.callbacks.TensorBoard(str(run_dir / "tensorboard"))], verbose=verbose
+        )
+        if role == "worker":
+            return {"role": role, "run_dir": run_dir}
+        rows = results_table(tuner, base.epochs)
+        if not rows:
+            raise EmUnetError(f"{run_dir}: no trial finished" + (" within --max-minutes" if deadline else ""))
+        _write_table(run_dir / "results.csv", rows)
+        export_dir = _export_best(tuner, base, run_dir)
+        best_hyperparameters = {
+            k: v for k, v in tuner.get_best_hyperparameters(1)[0].values.items() if not k.startswith("tuner/")
+        }
+    return {
+        "role": role,
+        "run_dir": run_dir,
+        "rows": rows,
+        "export_dir": export_dir,
+        "best_hyperparameters": best_hyperparameters,
+    }

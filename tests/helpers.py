@@ -11,7 +11,10 @@ def run_cli(*args, env=None, timeout=600):
     environment = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "em_unet.cli", *map(str, args)],
-        capture_output=True, text=True, env=environment, timeout=timeout,
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=timeout,
     )
 
 
@@ -25,7 +28,13 @@ def error_line(result):
 
 def small_isbi(isbi_dir, folder, slices=3, size=64):
     """The first ISBI slices cropped small, written as the user's stack and labels."""
-    tifffile.imwrite(folder / "img.tif", tifffile.imread(isbi_dir / "train-volume.tif")[:slices, :size, :size],
-                     photometric="minisblack")
-    tifffile.imwrite(folder / "lab.tif", tifffile.imread(isbi_dir / "train-labels.tif")[:slices, :size, :size],
-                     photometric="minisblack")
+    tifffile.imwrite(
+        folder / "img.tif",
+        tifffile.imread(isbi_dir / "train-volume.tif")[:slices, :size, :size],
+        photometric="minisblack",
+    )
+    tifffile.imwrite(
+        folder / "lab.tif",
+        tifffile.imread(isbi_dir / "train-labels.tif")[:slices, :size, :size],
+        photometric="minisblack",
+    )

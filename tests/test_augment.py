@@ -9,15 +9,22 @@ from em_unet.augment import (
     _spline_prefilter_matrix,
     augment_batch,
     elastic_displacement_field,
+    import_elasticdeform,
     random_control_displacement,
     resample,
     resolve_placement,
 )
-from em_unet.augment import import_elasticdeform
 
 PY_OPS = {"PyFunc", "PyFuncStateless", "EagerPyFunc", "NumpyFunction"}
-ELASTIC_ONLY = AugmentConfig(rotation_degrees=0, scale_range=(1, 1), shear_degrees=0, translation_px=0,
-                             flips=False, brightness=0, contrast_range=(1, 1))
+ELASTIC_ONLY = AugmentConfig(
+    rotation_degrees=0,
+    scale_range=(1, 1),
+    shear_degrees=0,
+    translation_px=0,
+    flips=False,
+    brightness=0,
+    contrast_range=(1, 1),
+)
 GEOMETRY_ONLY = AugmentConfig(brightness=0, contrast_range=(1, 1))
 
 
@@ -49,7 +56,9 @@ def test_matches_elasticdeform_for_same_displacement():
     seed = tf.constant([3, 4], tf.int64)
     ours_images, ours_masks = augment_batch(images, masks, seed, ELASTIC_ONLY)
     # augment_batch draws its elastic field from the second of three split seeds
-    control = random_control_displacement(tf.random.experimental.stateless_split(seed, 3, alg=RNG)[1], 3, ELASTIC_ONLY).numpy()
+    control = random_control_displacement(
+        tf.random.experimental.stateless_split(seed, 3, alg=RNG)[1], 3, ELASTIC_ONLY
+    ).numpy()
     assert np.abs(control).max() > 5  # a real deformation, sigma 10 px
     for i in range(3):
         ref_image = elasticdeform.deform_grid(images[i, ..., 0], control[i], order=1, mode="mirror")
@@ -61,6 +70,7 @@ def test_matches_elasticdeform_for_same_displacement():
 
 def test_elasticdeform_backend_agrees_with_tensorflow_backend():
     import dataclasses
+
     images = smooth_images(batch=2, height=64, width=64)
     masks = (images > 0.5).astype(np.float32)
     reference = dataclasses.replace(ELASTIC_ONLY, elastic_backend="elasticdeform")
@@ -98,8 +108,16 @@ def test_reproducible_and_each_example_its_own_transform():
 def test_intensity_changes_image_only_and_stays_in_unit_range():
     images = smooth_images(batch=2)
     masks = (images > 0.5).astype(np.float32)
-    config = AugmentConfig(rotation_degrees=0, scale_range=(1, 1), shear_degrees=0, translation_px=0, flips=False,
-                           elastic=False, brightness=0.2, contrast_range=(0.5, 1.5))
+    config = AugmentConfig(
+        rotation_degrees=0,
+        scale_range=(1, 1),
+        shear_degrees=0,
+        translation_px=0,
+        flips=False,
+        elastic=False,
+        brightness=0.2,
+        contrast_range=(0.5, 1.5),
+    )
     out_images, out_masks = augment_batch(images, masks, [1, 1], config)
     assert np.array_equal(out_masks.numpy(), masks)
     assert not np.allclose(out_images.numpy(), images)
@@ -109,8 +127,16 @@ def test_intensity_changes_image_only_and_stays_in_unit_range():
 def test_identity_transform_changes_nothing():
     images = smooth_images(batch=2)
     masks = (images > 0.5).astype(np.float32)
-    config = AugmentConfig(rotation_degrees=0, scale_range=(1, 1), shear_degrees=0, translation_px=0, flips=False,
-                           elastic=False, brightness=0, contrast_range=(1, 1))
+    config = AugmentConfig(
+        rotation_degrees=0,
+        scale_range=(1, 1),
+        shear_degrees=0,
+        translation_px=0,
+        flips=False,
+        elastic=False,
+        brightness=0,
+        contrast_range=(1, 1),
+    )
     out_images, out_masks = augment_batch(images, masks, [0, 0], config)
     assert np.allclose(out_images.numpy(), images, atol=1e-6)
     assert np.array_equal(out_masks.numpy(), masks)
@@ -127,14 +153,16 @@ def test_mirrored_borders():
 def test_traced_graph_has_no_python_ops():
     spec_images = tf.TensorSpec([None, None, None, 1], tf.float32)
     ours = tf.function(lambda i, m, s: augment_batch(i, m, s)).get_concrete_function(
-        spec_images, spec_images, tf.TensorSpec([2], tf.int64))
+        spec_images, spec_images, tf.TensorSpec([2], tf.int64)
+    )
     ops = graph_op_types(ours)
     assert "GatherV2" in ops and not ops & PY_OPS
     # the same inspection does see the host-side reference op
     reference = AugmentConfig(elastic_backend="elasticdeform")
     fixed = tf.TensorSpec([2, 32, 32, 1], tf.float32)
     theirs = tf.function(lambda i, m, s: augment_batch(i, m, s, reference)).get_concrete_function(
-        fixed, fixed, tf.TensorSpec([2], tf.int64))
+        fixed, fixed, tf.TensorSpec([2], tf.int64)
+    )
     assert graph_op_types(theirs) & PY_OPS
 
 

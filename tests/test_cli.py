@@ -18,8 +18,19 @@ def test_help_lists_commands_and_each_has_help():
 
 def test_augment_preview_writes_png_and_never_overwrites(isbi_dir, tmp_path):
     out = tmp_path / "preview.png"
-    args = ["augment-preview", "--data", isbi_dir / "train-volume.tif", "--labels", isbi_dir / "train-labels.tif",
-            "-o", out, "--samples", "2", "--patch-size", "128"]
+    args = [
+        "augment-preview",
+        "--data",
+        isbi_dir / "train-volume.tif",
+        "--labels",
+        isbi_dir / "train-labels.tif",
+        "-o",
+        out,
+        "--samples",
+        "2",
+        "--patch-size",
+        "128",
+    ]
     result = run_cli(*args)
     assert result.returncode == 0, result.stderr
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -49,8 +60,15 @@ def test_broken_elasticdeform_says_how_to_fix(tmp_path, isbi_dir):
     fake.mkdir(parents=True)
     (fake / "__init__.py").write_text('raise ImportError("numpy.core.multiarray failed to import")\n')
     result = run_cli(
-        "augment-preview", "--data", isbi_dir / "train-volume.tif", "--labels", isbi_dir / "train-labels.tif",
-        "-o", tmp_path / "p.png", "--elastic-backend", "elasticdeform",
+        "augment-preview",
+        "--data",
+        isbi_dir / "train-volume.tif",
+        "--labels",
+        isbi_dir / "train-labels.tif",
+        "-o",
+        tmp_path / "p.png",
+        "--elastic-backend",
+        "elasticdeform",
         env={"PYTHONPATH": str(tmp_path / "fake")},
     )
     assert result.returncode == 2
@@ -65,10 +83,35 @@ def test_train_predict_evaluate_end_to_end(isbi_dir, tmp_path):
     labels = tifffile.imread(isbi_dir / "train-labels.tif")[:4, :128, :128]
     tifffile.imwrite(tmp_path / "img.tif", images, photometric="minisblack")
     tifffile.imwrite(tmp_path / "lab.tif", labels, photometric="minisblack")
-    train = run_cli("train", "--data", tmp_path / "img.tif", "--labels", tmp_path / "lab.tif", "--val-slices", "2-3",
-                    "--depth", "2", "--base-filters", "4", "--patch-size", "64", "--epochs", "2",
-                    "--steps-per-epoch", "2", "--optimizer", "adamax", "--lr", "1e-3", "--run-name", "tiny",
-                    "--logs-dir", tmp_path / "logs", "--models-dir", tmp_path / "models")
+    train = run_cli(
+        "train",
+        "--data",
+        tmp_path / "img.tif",
+        "--labels",
+        tmp_path / "lab.tif",
+        "--val-slices",
+        "2-3",
+        "--depth",
+        "2",
+        "--base-filters",
+        "4",
+        "--patch-size",
+        "64",
+        "--epochs",
+        "2",
+        "--steps-per-epoch",
+        "2",
+        "--optimizer",
+        "adamax",
+        "--lr",
+        "1e-3",
+        "--run-name",
+        "tiny",
+        "--logs-dir",
+        tmp_path / "logs",
+        "--models-dir",
+        tmp_path / "models",
+    )
     assert train.returncode == 0, train.stderr
     run = tmp_path / "logs" / "tiny"
     config = json.loads((run / "config.json").read_text())
@@ -77,12 +120,36 @@ def test_train_predict_evaluate_end_to_end(isbi_dir, tmp_path):
     assert list(run.glob("train/events.out.tfevents.*")) and list(run.glob("validation/events.out.tfevents.*"))
     assert "V_rand" in train.stdout and str(tmp_path / "models" / "em_unet" / "1") in train.stdout
 
-    again = run_cli("train", "--data", tmp_path / "img.tif", "--labels", tmp_path / "lab.tif",
-                    "--run-name", "tiny", "--logs-dir", tmp_path / "logs", "--patch-size", "64")
+    again = run_cli(
+        "train",
+        "--data",
+        tmp_path / "img.tif",
+        "--labels",
+        tmp_path / "lab.tif",
+        "--run-name",
+        "tiny",
+        "--logs-dir",
+        tmp_path / "logs",
+        "--patch-size",
+        "64",
+    )
     assert again.returncode == 2 and "already exists" in error_line(again)
 
-    predict = run_cli("predict", tmp_path / "models" / "em_unet", tmp_path / "img.tif", "-o", tmp_path / "prob.tif",
-                      "--tile", "64", "--margin", "8", "--overlap", "8", "--segment", tmp_path / "neurons.tif")
+    predict = run_cli(
+        "predict",
+        tmp_path / "models" / "em_unet",
+        tmp_path / "img.tif",
+        "-o",
+        tmp_path / "prob.tif",
+        "--tile",
+        "64",
+        "--margin",
+        "8",
+        "--overlap",
+        "8",
+        "--segment",
+        tmp_path / "neurons.tif",
+    )
     assert predict.returncode == 0, predict.stderr
     assert tifffile.imread(tmp_path / "prob.tif").shape == (4, 128, 128)
     neurons = tifffile.imread(tmp_path / "neurons.tif")

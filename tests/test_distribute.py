@@ -29,8 +29,13 @@ def free_ports(n):
 
 def start_cli(*args, env=None, log=None):
     environment = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})}
-    return subprocess.Popen([sys.executable, "-m", "em_unet.cli", *map(str, args)], env=environment,
-                            stdout=open(log, "w"), stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "em_unet.cli", *map(str, args)],
+        env=environment,
+        stdout=open(log, "w"),
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def test_strategy_choice_and_bad_tf_config(monkeypatch):
@@ -39,8 +44,9 @@ def test_strategy_choice_and_bad_tf_config(monkeypatch):
     assert is_chief(make_strategy("one-device"))
     with pytest.raises(EmUnetError, match="needs TF_CONFIG"):
         make_strategy("multi-worker")
-    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker",
-                                                                                                 "index": 1}}))
+    monkeypatch.setenv(
+        "TF_CONFIG", json.dumps({"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", "index": 1}})
+    )
     assert resolve_strategy("auto") == "multi-worker"
     monkeypatch.setenv("TF_CONFIG", "{worker")
     with pytest.raises(EmUnetError, match="TF_CONFIG is not valid JSON"):
@@ -71,7 +77,8 @@ import tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 from em_unet.history import read_history
-from em_unet.train import TrainConfig, train
+from em_unet.config import TrainConfig
+from em_unet.train import train
 folder = sys.argv[1]
 losses = {}
 for strategy in ("one-device", "mirrored"):
@@ -81,7 +88,8 @@ for strategy in ("one-device", "mirrored"):
     run = train(config, verbose=0, export=False)["run_dir"]
     history = read_history(run)
     replicas = json.loads((run / "config.json").read_text())["replicas"]
-    losses[strategy] = {"replicas": replicas, "loss": history["loss"].tolist(), "val_loss": history["val_loss"].tolist()}
+    losses[strategy] = {"replicas": replicas, "loss": history["loss"].tolist(),
+                        "val_loss": history["val_loss"].tolist()}
 print(json.dumps(losses))
 """
 
@@ -89,8 +97,13 @@ print(json.dumps(losses))
 def test_mirrored_over_two_logical_cpus_matches_one_device(isbi_dir, tmp_path):
     """Same global batch (4) and seed: the 2-replica run gives the same losses to float32 round-off."""
     small_isbi(isbi_dir, tmp_path)
-    result = subprocess.run([sys.executable, "-c", MIRRORED_SCRIPT, str(tmp_path)], capture_output=True, text=True,
-                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-c", MIRRORED_SCRIPT, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr
     losses = json.loads(result.stdout.strip().splitlines()[-1])
     one, mirrored = losses["one-device"], losses["mirrored"]
@@ -101,20 +114,50 @@ def test_mirrored_over_two_logical_cpus_matches_one_device(isbi_dir, tmp_path):
 
 
 def train_args(folder, *extra):
-    return ["train", "--data", folder / "img.tif", "--labels", folder / "lab.tif", "--val-slices", "2-2",
-            "--depth", "2", "--base-filters", "4", "--patch-size", "32", "--batch-size", "4", "--epochs", "1",
-            "--steps-per-epoch", "2", "--precision", "float32", "--logs-dir", folder / "logs",
-            "--models-dir", folder / "models", "--run-name", "mw", *extra]
+    return [
+        "train",
+        "--data",
+        folder / "img.tif",
+        "--labels",
+        folder / "lab.tif",
+        "--val-slices",
+        "2-2",
+        "--depth",
+        "2",
+        "--base-filters",
+        "4",
+        "--patch-size",
+        "32",
+        "--batch-size",
+        "4",
+        "--epochs",
+        "1",
+        "--steps-per-epoch",
+        "2",
+        "--precision",
+        "float32",
+        "--logs-dir",
+        folder / "logs",
+        "--models-dir",
+        folder / "models",
+        "--run-name",
+        "mw",
+        *extra,
+    ]
 
 
 @pytest.mark.slow
 def test_multi_worker_two_local_processes_one_export(isbi_dir, tmp_path):
     small_isbi(isbi_dir, tmp_path)
     workers = [f"127.0.0.1:{port}" for port in free_ports(2)]
-    processes = [start_cli(*train_args(tmp_path, "--strategy", "multi-worker"), log=tmp_path / f"worker{i}.log",
-                           env={"TF_CONFIG": json.dumps({"cluster": {"worker": workers},
-                                                         "task": {"type": "worker", "index": i}})})
-                 for i in range(2)]
+    processes = [
+        start_cli(
+            *train_args(tmp_path, "--strategy", "multi-worker"),
+            log=tmp_path / f"worker{i}.log",
+            env={"TF_CONFIG": json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": i}})},
+        )
+        for i in range(2)
+    ]
     codes = [p.wait(timeout=600) for p in processes]
     logs = [(tmp_path / f"worker{i}.log").read_text() for i in range(2)]
     assert codes == [0, 0], logs
@@ -127,10 +170,11 @@ def test_multi_worker_two_local_processes_one_export(isbi_dir, tmp_path):
 
 def test_multi_worker_refuses_max_minutes(isbi_dir, tmp_path):
     small_isbi(isbi_dir, tmp_path)
-    port, = free_ports(1)
+    (port,) = free_ports(1)
     tf_config = json.dumps({"cluster": {"worker": [f"127.0.0.1:{port}"]}, "task": {"type": "worker", "index": 0}})
-    result = run_cli(*train_args(tmp_path, "--strategy", "multi-worker", "--max-minutes", "5"),
-                     env={"TF_CONFIG": tf_config})
+    result = run_cli(
+        *train_args(tmp_path, "--strategy", "multi-worker", "--max-minutes", "5"), env={"TF_CONFIG": tf_config}
+    )
     assert result.returncode == 2 and "--max-minutes cannot be used with --strategy multi-worker" in error_line(result)
 
 
@@ -138,7 +182,6 @@ GRID = """
 [tuner]
 algorithm = "grid"
 max_trials = 4
-max_epochs = 2
 [space]
 optimizer = ["adam", "adamax"]
 learning_rate = [1e-3, 1e-4]
@@ -147,14 +190,47 @@ learning_rate = [1e-3, 1e-4]
 
 def distributed_search(folder, port, timeout_s):
     (folder / "grid.toml").write_text(GRID)
-    common = ["tune", "--data", folder / "img.tif", "--labels", folder / "lab.tif", "--val-slices", "2-2",
-              "--depth", "2", "--base-filters", "4", "--patch-size", "32", "--batch-size", "2",
-              "--steps-per-epoch", "3", "--precision", "float32", "--search-space", folder / "grid.toml",
-              "--project", "dist", "--logs-dir", folder / "logs", "--models-dir", folder / "models",
-              "--oracle-ip", "127.0.0.1", "--oracle-port", port, "--worker-timeout", timeout_s]
+    common = [
+        "tune",
+        "--data",
+        folder / "img.tif",
+        "--labels",
+        folder / "lab.tif",
+        "--val-slices",
+        "2-2",
+        "--depth",
+        "2",
+        "--base-filters",
+        "4",
+        "--patch-size",
+        "32",
+        "--batch-size",
+        "2",
+        "--steps-per-epoch",
+        "3",
+        "--epochs",
+        "2",
+        "--precision",
+        "float32",
+        "--search-space",
+        folder / "grid.toml",
+        "--project",
+        "dist",
+        "--logs-dir",
+        folder / "logs",
+        "--models-dir",
+        folder / "models",
+        "--oracle-ip",
+        "127.0.0.1",
+        "--oracle-port",
+        port,
+        "--worker-timeout",
+        timeout_s,
+    ]
     chief = start_cli(*common, "--tuner-id", "chief", log=folder / "chief.log")
-    workers = {tuner: start_cli(*common, "--tuner-id", tuner, log=folder / f"{tuner}.log")
-               for tuner in ("tuner0", "tuner1")}
+    workers = {
+        tuner: start_cli(*common, "--tuner-id", tuner, log=folder / f"{tuner}.log") for tuner in ("tuner0", "tuner1")
+    }
     return chief, workers
 
 
@@ -171,8 +247,9 @@ def results(folder):
 def test_chief_and_two_workers_run_each_trial_once(isbi_dir, tmp_path):
     small_isbi(isbi_dir, tmp_path)
     chief, workers = distributed_search(tmp_path, free_ports(1)[0], timeout_s=60)
-    assert [w.wait(timeout=900) for w in workers.values()] == [0, 0], [(tmp_path / f"{t}.log").read_text()
-                                                                      for t in workers]
+    assert [w.wait(timeout=900) for w in workers.values()] == [0, 0], [
+        (tmp_path / f"{t}.log").read_text() for t in workers
+    ]
     assert chief.wait(timeout=120) == 0, (tmp_path / "chief.log").read_text()
     ran = {tuner: trials_run(tmp_path / f"{tuner}.log") for tuner in workers}
     assert all(ran.values()), ran  # both workers ran trials
@@ -181,7 +258,8 @@ def test_chief_and_two_workers_run_each_trial_once(isbi_dir, tmp_path):
     rows = results(tmp_path)
     assert sorted(r["trial"] for r in rows) == every
     assert {(r["optimizer"], float(r["learning_rate"])) for r in rows} == {
-        (o, lr) for o in ("adam", "adamax") for lr in (1e-3, 1e-4)}
+        (o, lr) for o in ("adam", "adamax") for lr in (1e-3, 1e-4)
+    }
     assert [p.name for p in (tmp_path / "models" / "em_unet").iterdir()] == ["1"]
     assert "worker done" in (tmp_path / "tuner0.log").read_text()
 
@@ -200,7 +278,7 @@ def test_a_killed_worker_loses_its_trial_to_the_other(isbi_dir, tmp_path):
     assert workers["tuner0"].wait(timeout=900) == 0, (tmp_path / "tuner0.log").read_text()
     assert chief.wait(timeout=120) == 0, (tmp_path / "chief.log").read_text()
     chief_log = (tmp_path / "chief.log").read_text()
-    assert f"worker tuner1 silent" in chief_log and f"trial {victim_trial} goes back to the queue" in chief_log
+    assert "worker tuner1 silent" in chief_log and f"trial {victim_trial} goes back to the queue" in chief_log
     finished_by_victim = trials_run(victim_log)
     survivor = trials_run(tmp_path / "tuner0.log")
     assert victim_trial in survivor
@@ -211,8 +289,17 @@ def test_a_killed_worker_loses_its_trial_to_the_other(isbi_dir, tmp_path):
 
 def test_tune_refuses_what_would_break_a_distributed_search(isbi_dir, tmp_path):
     small_isbi(isbi_dir, tmp_path)
-    args = ["tune", "--data", tmp_path / "img.tif", "--labels", tmp_path / "lab.tif", "--val-slices", "2-2",
-            "--logs-dir", tmp_path / "logs"]
+    args = [
+        "tune",
+        "--data",
+        tmp_path / "img.tif",
+        "--labels",
+        tmp_path / "lab.tif",
+        "--val-slices",
+        "2-2",
+        "--logs-dir",
+        tmp_path / "logs",
+    ]
     worker = run_cli(*args, "--overwrite", "--tuner-id", "tuner0", "--oracle-ip", "127.0.0.1", "--oracle-port", "1")
     assert worker.returncode == 2 and "--overwrite is for the chief" in error_line(worker)
     alone = run_cli(*args, "--strategy", "multi-worker")

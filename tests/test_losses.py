@@ -6,15 +6,15 @@ from em_unet.losses import bce, border_weight_map, dice, pixel_accuracy, weighte
 
 def test_border_weights_peak_between_close_cells():
     target = np.zeros((40, 60), np.float32)
-    target[:, 20:23] = 1   # a thin membrane between two close cells
-    target[:, 45:] = 1     # a wide membrane region far from the left cell
+    target[:, 20:23] = 1  # a thin membrane between two close cells
+    target[:, 45:] = 1  # a wide membrane region far from the left cell
     weights = border_weight_map(target, w0=10, sigma_px=5)
     narrow = weights[20, 21]
     wide = weights[20, 55]
-    assert narrow > wide + 5          # d1 + d2 small between close cells
+    assert narrow > wide + 5  # d1 + d2 small between close cells
     n, m = target.size, target.sum()
     assert weights[20, 5] == pytest.approx(n / (2 * (n - m)))  # cell pixels: class weight only
-    assert wide == pytest.approx(n / (2 * m), rel=1e-3)         # far from any second cell
+    assert wide == pytest.approx(n / (2 * m), rel=1e-3)  # far from any second cell
 
 
 def test_weighted_bce_with_unit_weights_is_bce():

@@ -3,8 +3,7 @@ import pytest
 from skimage.metrics import adapted_rand_error
 
 from em_unet.errors import DataError
-from em_unet.metrics import (evaluate_segments, evaluate_stack, split_merge_scores, thinned_proposal,
-                              truth_segments)
+from em_unet.metrics import evaluate_segments, evaluate_stack, split_merge_scores, thinned_proposal, truth_segments
 
 
 def grid_target(size=32, cell=8):
@@ -29,8 +28,8 @@ def test_hand_computed_merge():
     proposal = np.array([[5, 5, 5, 5]])
     scores = split_merge_scores(proposal, truth)
     # p_ij = 1/2, 1/2; s = [1]; t = [1/2, 1/2]
-    assert scores["v_rand_split"] == pytest.approx(1.0)       # 0.5 / 0.5
-    assert scores["v_rand_merge"] == pytest.approx(0.5)       # 0.5 / 1
+    assert scores["v_rand_split"] == pytest.approx(1.0)  # 0.5 / 0.5
+    assert scores["v_rand_merge"] == pytest.approx(0.5)  # 0.5 / 1
     assert scores["v_rand"] == pytest.approx(2 / 3)
     assert scores["v_info_split"] == pytest.approx(1.0)  # H(S) = 0: nothing split
     assert scores["v_info_merge"] == pytest.approx(0.0)  # I = 0
@@ -58,7 +57,8 @@ def test_matches_skimage_adapted_rand_with_singletons():
     error, precision, recall = adapted_rand_error(truth, relabelled, ignore_labels=(0,))
     ours = split_merge_scores(proposal, truth)
     # skimage counts pairs of distinct pixels (sums of squares minus n) where ISBI/Fiji sum squares,
-    # so the two agree to O(1 / segment size); skimage's precision divides by the truth's sizes (our split), its recall by the proposal's (our merge).
+    # so the two agree to O(1 / segment size); skimage's precision divides by the truth's sizes (our split),
+    # its recall by the proposal's (our merge).
     assert ours["v_rand"] == pytest.approx(1 - error, abs=1e-3)
     assert ours["v_rand_split"] == pytest.approx(precision, abs=1e-3)
     assert ours["v_rand_merge"] == pytest.approx(recall, abs=1e-3)
@@ -160,17 +160,23 @@ def test_evaluate_segments_scores_perfect_labels_one_and_refuses_bad_labels():
     assert evaluate_segments(perfect * 7 + 100, target)["v_info"] == pytest.approx(1.0)  # label values do not matter
     merged = np.where(perfect > 0, 1, 0)
     assert evaluate_segments(merged, target)["v_rand_merge"] < 0.2
-    for bad, message in [(perfect.astype(np.float32), "integer values"), (perfect - 5, "negative label"),
-                         (perfect[:, :16], "differs from label shape")]:
+    for bad, message in [
+        (perfect.astype(np.float32), "integer values"),
+        (perfect - 5, "negative label"),
+        (perfect[:, :16], "differs from label shape"),
+    ]:
         with pytest.raises(DataError, match=message):
             evaluate_segments(bad, target)
 
 
 def test_probability_maps_outside_zero_one_or_not_finite_are_refused():
     target = grid_target()[None]
-    for bad, message in [(target * 2.0, "from 0 to 2 are not probabilities"), (target - 0.5, "-0.5"),
-                         (np.where(target > 0, np.nan, 0.2), "NaN or infinite value at slice 0"),
-                         (np.where(target > 0, np.inf, 0.2), "NaN or infinite")]:
+    for bad, message in [
+        (target * 2.0, "from 0 to 2 are not probabilities"),
+        (target - 0.5, "-0.5"),
+        (np.where(target > 0, np.nan, 0.2), "NaN or infinite value at slice 0"),
+        (np.where(target > 0, np.inf, 0.2), "NaN or infinite"),
+    ]:
         with pytest.raises(DataError, match=message):
             evaluate_stack(bad, target)
 

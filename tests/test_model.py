@@ -30,7 +30,11 @@ def closed_form_unet_params(depth, base, channels=1):
 def test_output_shapes(depth):
     model = build_unet(depth=depth, base_filters=4)
     step = 2**depth
-    for height, width in [(step, step), (2 * step, 3 * step), (64 if step <= 64 else step, 96 if step <= 32 else 2 * step)]:
+    for height, width in [
+        (step, step),
+        (2 * step, 3 * step),
+        (64 if step <= 64 else step, 96 if step <= 32 else 2 * step),
+    ]:
         out = model(np.zeros((2, height, width, 1), np.float32))
         assert tuple(out.shape) == (2, height, width, 1)
         assert out.dtype == "float32"
@@ -50,8 +54,16 @@ def test_depth3_smaller_than_depth4():
 def test_layer_names_and_options():
     model = build_unet(depth=2, base_filters=4, batch_norm=True, bottleneck_dropout=0.5, up_mode="bilinear")
     names = {layer.name for layer in model.layers}
-    assert {"enc1_conv1", "enc2_conv2", "bottleneck_conv2", "bottleneck_dropout", "dec1_up", "dec2_conv1",
-            "enc1_bn1", "membrane_probability"} <= names
+    assert {
+        "enc1_conv1",
+        "enc2_conv2",
+        "bottleneck_conv2",
+        "bottleneck_dropout",
+        "dec1_up",
+        "dec2_conv1",
+        "enc1_bn1",
+        "membrane_probability",
+    } <= names
     assert model(np.zeros((1, 16, 16, 1), np.float32)).shape == (1, 16, 16, 1)
     assert getattr(model, "optimizer", None) is None  # the builder does not compile
 

@@ -30,14 +30,43 @@ def test_one_figure_per_group_and_an_overview(tmp_path):
 
 
 def test_log_scale_only_where_losses_span_decades(tmp_path):
-    from em_unet.plot import draw_curves
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
-    figure, (narrow, wide) = plt.subplots(1, 2)
+    from em_unet.plot import draw_curves
+
+    narrow, wide = Figure().subplots(1, 2)
     draw_curves(narrow, {"a": {"loss": np.array([0.7, 0.5]), "val_loss": np.array([0.7, 0.6])}}, "narrow")
     draw_curves(wide, {"a": {"loss": np.array([0.7, 0.001]), "val_loss": np.array([0.7, 0.6])}}, "wide")
     assert (narrow.get_yscale(), wide.get_yscale()) == ("linear", "log")
-    plt.close(figure)
+
+
+def test_plotting_leaves_the_users_matplotlib_backend_alone(tmp_path):
+    """A notebook user's backend survives importing em_unet and drawing figures; pyplot is never involved."""
+    import os
+    import subprocess
+    import sys
+
+    write_history(tmp_path / "run", [1.0, 0.5], [1.0, 0.7])
+    script = (
+        "import sys, matplotlib\n"
+        "matplotlib.use('svg')\n"
+        "import em_unet.plot\n"
+        f"paths = em_unet.plot.plot_runs({str(tmp_path / 'run')!r})\n"
+        "assert matplotlib.rcParams['backend'] == 'svg', matplotlib.rcParams['backend']\n"
+        "assert 'matplotlib.pyplot' not in sys.modules\n"
+        "print(len(paths))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "1"
+    assert Image.open(tmp_path / "run" / "report" / "run.png").format == "PNG"
 
 
 def test_plot_command_and_its_errors(tmp_path):

@@ -1,12 +1,24 @@
+import io
+import re
+import shutil
+import zipfile
+
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 import tifffile
 
 from em_unet.errors import EmUnetError
 from em_unet.export import export_saved_model
 from em_unet.model import build_unet
-from em_unet.predict import _dihedral, load_predictor, predict_file, predict_slice, resolve_model_path
+from em_unet.predict import (
+    _dihedral,
+    load_predictor,
+    predict_file,
+    predict_slice,
+    resolve_model_path,
+)
 
 
 @pytest.fixture(scope="module")
@@ -66,17 +78,40 @@ def test_predict_file_writes_fiji_tiff_from_savedmodel_parent(tiny_model, tmp_pa
     assert resolve_model_path(tmp_path / "models" / "m") == version
     stack = np.random.default_rng(0).integers(0, 255, (2, 70, 90), dtype=np.uint8)
     tifffile.imwrite(tmp_path / "stack.tif", stack, photometric="minisblack")
-    out = predict_file(tmp_path / "models" / "m", tmp_path / "stack.tif", tmp_path / "prob.tif",
-                       tile=64, margin=16, overlap=8, progress=False)
+    out = predict_file(
+        tmp_path / "models" / "m",
+        tmp_path / "stack.tif",
+        tmp_path / "prob.tif",
+        tile=64,
+        margin=16,
+        overlap=8,
+        progress=False,
+    )
     with tifffile.TiffFile(out) as tif:
         assert tif.is_imagej
         probability = tif.asarray()
     assert probability.shape == (2, 70, 90) and probability.dtype == np.float32
-    keras_prob = predict_file(version / "model.keras", tmp_path / "stack.tif", tmp_path / "k.tif",
-                              tile=64, margin=16, overlap=8, progress=False)
+    keras_prob = predict_file(
+        version / "model.keras",
+        tmp_path / "stack.tif",
+        tmp_path / "k.tif",
+        tile=64,
+        margin=16,
+        overlap=8,
+        progress=False,
+    )
     assert np.allclose(tifffile.imread(keras_prob), probability, atol=1e-5)
-    isbi = predict_file(version, tmp_path / "stack.tif", tmp_path / "isbi.tif", tile=64, margin=16, overlap=8,
-                        binary=True, isbi=True, progress=False)
+    isbi = predict_file(
+        version,
+        tmp_path / "stack.tif",
+        tmp_path / "isbi.tif",
+        tile=64,
+        margin=16,
+        overlap=8,
+        binary=True,
+        isbi=True,
+        progress=False,
+    )
     mask = tifffile.imread(isbi)
     assert mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 255}
     assert np.array_equal(mask == 255, (1 - probability) > 0.5)
@@ -98,11 +133,15 @@ def test_existing_or_unwritable_output_is_refused(tiny_model, tmp_path):
     tifffile.imwrite(tmp_path / "s.tif", np.zeros((1, 64, 64), np.uint8), photometric="minisblack")
     (tmp_path / "prob.tif").write_bytes(b"earlier result")
     with pytest.raises(EmUnetError, match="already exists"):
-        predict_file(version, tmp_path / "s.tif", tmp_path / "prob.tif", tile=64, progress=False)
+        predict_file(version, tmp_path / "s.tif", tmp_path / "prob.tif", tile=128, progress=False)
     assert (tmp_path / "prob.tif").read_bytes() == b"earlier result"
     (tmp_path / "blocker").write_text("file")
-    with pytest.raises(EmUnetError, match="cannot create folder"):
-        predict_file(version, tmp_path / "s.tif", tmp_path / "blocker" / "p.tif", tile=64, progress=False)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    with pytest.raises(EmUnetError, match="blocker is a file, not a folder"):
+        predict_file(version, tmp_path / "s.tif", tmp_path / "blocker" / "p.tif", tile=128, progress=False)
+    with pytest.raises(EmUnetError, match="is a folder: name a file to write"):
+        predict_file(version, tmp_path / "s.tif", tmp_path, tile=128, overwrite=True, progress=False)
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
 
 
 def test_rgb_stack_is_refused(tiny_model, tmp_path):
@@ -111,7 +150,7 @@ def test_rgb_stack_is_refused(tiny_model, tmp_path):
     version = export_saved_model(tiny_model, "m", tmp_path)
     tifffile.imwrite(tmp_path / "rgb.tif", np.zeros((64, 64, 3), np.uint8), photometric="rgb")
     with pytest.raises(DataError, match="samples per pixel"):
-        predict_file(version, tmp_path / "rgb.tif", tmp_path / "p.tif", tile=64, progress=False)
+        predict_file(version, tmp_path / "rgb.tif", tmp_path / "p.tif", tile=128, progress=False)
 
 
 def test_tile_the_model_cannot_take(tiny_model, tmp_path):
@@ -122,3 +161,193 @@ def test_tile_the_model_cannot_take(tiny_model, tmp_path):
     keras_predictor = load_predictor(version / "model.keras")
     with pytest.raises(EmUnetError, match="multiple of 2\\*\\*depth"):
         keras_predictor(np.zeros((1, 30, 30, 1), np.float32))
+
+
+def test_a_stack_written_slice_by_slice_is_predicted_whole(tiny_model, tmp_path):
+    tiny_model.save(tmp_path / "m.keras")
+    for index in range(4):  # one series per slice, as acquisition software appends them
+        tifffile.imwrite(
+            tmp_path / "s.tif", np.full((32, 32), 60 * index, np.uint8), photometric="minisblack", append=True
+        )
+    out = predict_file(
+        tmp_path / "m.keras", tmp_path / "s.tif", tmp_path / "p.tif", tile=32, margin=4, overlap=4, progress=False
+    )
+    probability = tifffile.imread(out)
+    assert probability.shape == (4, 32, 32)
+    assert len({p.tobytes() for p in probability}) == 4  # each slice its own prediction
+
+
+def test_a_stack_with_a_bad_slice_writes_nothing(tiny_model, tmp_path):
+    tiny_model.save(tmp_path / "m.keras")
+    for shape in ((32, 32), (32, 32), (32, 40)):
+        tifffile.imwrite(tmp_path / "s.tif", np.zeros(shape, np.uint8), photometric="minisblack", append=True)
+    nan_stack = np.zeros((3, 32, 32), np.float32)
+    nan_stack[1, 3, 4] = np.nan
+    tifffile.imwrite(tmp_path / "nan.tif", nan_stack, photometric="minisblack")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for stack, expected in (
+        ("s.tif", "s.tif: page 2 is 32 x 40 px but page 0 is 32 x 32 px"),
+        ("nan.tif", "nan.tif: NaN or infinite value at slice 1 (nan at row 3, column 4)"),
+    ):
+        with pytest.raises(EmUnetError, match=re.escape(expected)):
+            predict_file(
+                tmp_path / "m.keras",
+                tmp_path / stack,
+                tmp_path / "out" / "p.tif",
+                tile=32,
+                margin=4,
+                overlap=4,
+                progress=False,
+            )
+        assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+# ------------------------------------------------------------------ models that cannot be loaded
+
+
+def keras_file_variants(good: bytes):
+    """Damaged .keras files, each with the cause its message must give."""
+    with zipfile.ZipFile(io.BytesIO(good)) as archive:
+        members = {name: archive.read(name) for name in archive.namelist()}
+
+    def rezip(**replaced):
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w") as archive:
+            for name, data in {**members, **replaced}.items():
+                if data is not None:
+                    archive.writestr(name, data)
+        return buffer.getvalue()
+
+    not_zip = "not a Keras model file (a .keras file is a zip archive; this one is not"
+    flipped = bytearray(good)
+    flipped[len(good) // 2] ^= 0xFF  # inside the weights: the zip's directory is intact, a checksum is not
+    return {
+        "empty": (b"", "empty file (0 bytes), not a Keras model"),
+        "random bytes": (np.random.default_rng(0).bytes(4096), not_zip),
+        "first half": (good[: len(good) // 2], not_zip),
+        "last bytes cut": (good[:-10], not_zip),
+        "a text file": (b"model weights: see the lab wiki\n", not_zip),
+        "a zip of something else": (rezip(**dict.fromkeys(members), **{"notes.txt": b"x"}), "holds no config.json"),
+        "a flipped byte": (bytes(flipped), "model.weights.h5 in it fails its checksum"),
+        "garbage weights": (rezip(**{"model.weights.h5": b"garbage"}), "cannot load the Keras model ("),
+        "garbage config": (rezip(**{"config.json": b"{not json"}), "cannot load the Keras model (JSONDecodeError"),
+    }
+
+
+@pytest.fixture(scope="module")
+def good_keras(tiny_model, tmp_path_factory):
+    path = tmp_path_factory.mktemp("good") / "m.keras"
+    tiny_model.save(path)
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        "empty",
+        "random bytes",
+        "first half",
+        "last bytes cut",
+        "a text file",
+        "a zip of something else",
+        "a flipped byte",
+        "garbage weights",
+        "garbage config",
+    ],
+)
+def test_a_damaged_keras_file_is_one_line_naming_it(good_keras, tmp_path, variant):
+    content, expected = keras_file_variants(good_keras)[variant]
+    path = tmp_path / "model.keras"
+    path.write_bytes(content)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(EmUnetError) as err:
+        load_predictor(path)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"{path}: ") and expected in message
+    assert "File not found" not in message
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_a_damaged_keras_file_fails_predict_before_anything_is_written(good_keras, tmp_path):
+    (tmp_path / "model.keras").write_bytes(good_keras[: len(good_keras) // 3])
+    tifffile.imwrite(tmp_path / "s.tif", np.zeros((1, 32, 32), np.uint8), photometric="minisblack")
+    with pytest.raises(EmUnetError, match="model.keras: not a Keras model file"):
+        predict_file(tmp_path / "model.keras", tmp_path / "s.tif", tmp_path / "out" / "p.tif", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.keras", "s.tif"]
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_model, tmp_path_factory):
+    return export_saved_model(tiny_model, "m", tmp_path_factory.mktemp("exported"))
+
+
+def savedmodel_without_serving_default(folder):
+    module = tf.Module()
+    module.scale = tf.Variable(2.0)
+    tf.saved_model.save(module, str(folder))
+
+
+def savedmodel_with_other_names(folder):
+    module = tf.Module()
+    module.serve = tf.function(
+        lambda pixels: {"logits": pixels * 2.0}, input_signature=[tf.TensorSpec([None, None, None, 1], tf.float32)]
+    )
+    tf.saved_model.save(module, str(folder), signatures={"serving_default": module.serve})
+
+
+def copy_of_export(exported, folder, damage):
+    shutil.copytree(exported, folder)
+    damage(folder)
+
+
+@pytest.mark.parametrize(
+    "make, expected",
+    [
+        (
+            lambda f, e: copy_of_export(e, f, lambda d: (d / "saved_model.pb").write_bytes(b"")),
+            "saved_model.pb: empty file (0 bytes), not a SavedModel",
+        ),
+        (
+            lambda f, e: copy_of_export(e, f, lambda d: (d / "saved_model.pb").write_bytes(b"\xff" * 300)),
+            "saved_model.pb: corrupt (not a SavedModel protocol buffer)",
+        ),
+        (
+            lambda f, e: copy_of_export(e, f, lambda d: (d / "saved_model.pb").write_text("this is not a model")),
+            "saved_model.pb: corrupt (not a SavedModel protocol buffer)",
+        ),
+        (
+            lambda f, e: copy_of_export(
+                e, f, lambda d: (d / "saved_model.pb").write_bytes((d / "saved_model.pb").read_bytes()[:2000])
+            ),
+            "saved_model.pb: corrupt (not a SavedModel protocol buffer)",
+        ),
+        (
+            lambda f, e: copy_of_export(e, f, lambda d: shutil.rmtree(d / "variables")),
+            "the SavedModel's weights (variables/ folder) are missing or incomplete",
+        ),
+        (
+            lambda f, e: copy_of_export(e, f, lambda d: [p.write_bytes(b"") for p in (d / "variables").iterdir()]),
+            "the SavedModel's weights (variables/ folder) are missing or incomplete",
+        ),
+        (
+            lambda f, e: savedmodel_without_serving_default(f),
+            "the SavedModel has no serving_default signature (signatures: none)",
+        ),
+        (
+            lambda f, e: savedmodel_with_other_names(f),
+            (
+                "the serving_default signature takes ['pixels'] and returns ['logits']; em-unet needs input 'image' "
+                "and output 'membrane_probability'"
+            ),
+        ),
+    ],
+)
+def test_a_broken_savedmodel_is_one_line_naming_it(exported, tmp_path, make, expected):
+    folder = tmp_path / "model"
+    make(folder, exported)
+    before = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    with pytest.raises(EmUnetError) as err:
+        load_predictor(folder)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"{folder}") and expected in message
+    assert {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before

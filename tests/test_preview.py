@@ -5,8 +5,14 @@ from em_unet.preview import augment_preview
 
 
 def test_preview_png_from_real_stack(isbi_dir, tmp_path):
-    out = augment_preview(isbi_dir / "train-volume.tif", isbi_dir / "train-labels.tif", tmp_path / "p.png",
-                          n_samples=2, patch_size=128, seed=1)
+    out = augment_preview(
+        isbi_dir / "train-volume.tif",
+        isbi_dir / "train-labels.tif",
+        tmp_path / "p.png",
+        n_samples=2,
+        patch_size=128,
+        seed=1,
+    )
     with Image.open(out) as image:
         pixels = np.asarray(image.convert("RGB")).astype(int)
     assert pixels.shape[0] > 200 and pixels.shape[1] > 600

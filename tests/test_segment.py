@@ -60,8 +60,12 @@ def test_stack_labels_are_unique_across_slices():
 
 def test_no_seed_gives_one_segment_and_bad_parameters_are_refused():
     assert (segment_slice(np.ones((16, 16), np.float32)) == 1).all()
-    for kwargs, message in [({"sigma_px": -1.0}, "--sigma"), ({"sigma_px": float("nan")}, "--sigma"),
-                            ({"seed_threshold": 1.5}, "--seed-threshold"), ({"merge_threshold": -0.1}, "--merge")]:
+    for kwargs, message in [
+        ({"sigma_px": -1.0}, "--sigma"),
+        ({"sigma_px": float("nan")}, "--sigma"),
+        ({"seed_threshold": 1.5}, "--seed-threshold"),
+        ({"merge_threshold": -0.1}, "--merge"),
+    ]:
         with pytest.raises(EmUnetError, match=message):
             SegmentParams(**kwargs)
 
@@ -115,9 +119,9 @@ def test_segment_command_refuses_bad_input_and_writes_nothing(tmp_path, capsys):
         (["negative.tif"], "values from -0."),
         (["labels.tif"], "must be 8-bit, 16-bit or float, found int32"),
         (["missing.tif"], "missing.tif: no such file"),
-        (["good.tif", "--seed-threshold", "2"], "--seed-threshold must be a membrane probability in [0, 1], got 2.0"),
-        (["good.tif", "--sigma", "-3"], "--sigma must be a finite number of pixels >= 0"),
-        (["good.tif", "--merge-threshold", "nan"], "--merge-threshold must be a membrane probability"),
+        (["good.tif", "--seed-threshold", "2"], "--seed-threshold = 2.0: must be a finite number >= 0 and <= 1"),
+        (["good.tif", "--sigma", "-3"], "--sigma (sigma_px) = -3.0: must be a finite number >= 0"),
+        (["good.tif", "--merge-threshold", "nan"], "--merge-threshold = nan: must be a finite number"),
     ]
     for args, message in expected:
         line = error_of(capsys, ["segment", tmp_path / args[0], "-o", tmp_path / "seg.tif", *args[1:]])
@@ -134,7 +138,7 @@ def test_predict_segment_checks_its_options_before_any_prediction(tmp_path, caps
     cases = [
         (["--segment", tmp_path / "n.tif", "--binary"], "--segment needs the membrane probability"),
         (["--segment", tmp_path / "n.tif", "--isbi"], "--segment needs the membrane probability"),
-        (["--segment", tmp_path / "n.tif", "--seed-threshold", "3"], "--seed-threshold must be"),
+        (["--segment", tmp_path / "n.tif", "--seed-threshold", "3"], "--seed-threshold = 3.0: must be"),
         (["--segment", tmp_path / "n.h5"], "name the output .tif or .tiff"),
     ]
     (tmp_path / "taken.json").write_text("{}")

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from em_unet.config import shipped_toml
 from em_unet.errors import EmUnetError
 from em_unet.plot import SERIES_KEY
 from em_unet.study import DEFAULT_RULES, STUDY_CONFIG, judge_experiment, late_trend, load_study, tail, worst_jump
@@ -52,8 +53,11 @@ def test_conclusions_are_judged_on_the_numbers_both_ways():
     verdict, checks = judge_experiment({"claim": "depth"}, reversed_, DEFAULT_RULES)
     assert verdict == "partly holds" and [c.holds for c in checks] == [True, False, False, False]
 
-    lr = {1e-5: {"loss": FLAT, "val_loss": FLAT + 0.3}, 1e-4: {"loss": FALLING, "val_loss": FALLING},
-          1e-3: {"loss": FALLING, "val_loss": U_SHAPED}}
+    lr = {
+        1e-5: {"loss": FLAT, "val_loss": FLAT + 0.3},
+        1e-4: {"loss": FALLING, "val_loss": FALLING},
+        1e-3: {"loss": FALLING, "val_loss": U_SHAPED},
+    }
     assert judge_experiment({"claim": "lr"}, lr, DEFAULT_RULES)[0] == "holds"
     lr[1e-3] = {"loss": FALLING, "val_loss": FALLING * 0.5}
     verdict, checks = judge_experiment({"claim": "lr"}, lr, DEFAULT_RULES)
@@ -61,21 +65,40 @@ def test_conclusions_are_judged_on_the_numbers_both_ways():
 
     augmentation = {False: {"loss": FALLING * 0.5, "val_loss": U_SHAPED}, True: {"loss": FALLING, "val_loss": FALLING}}
     assert judge_experiment({"claim": "augmentation"}, augmentation, DEFAULT_RULES)[0] == "holds"
-    optimizer = {"sgd": {"loss": np.full(20, 0.69), "val_loss": np.full(20, 0.69)},
-                 "adam": {"loss": FALLING * 0.5, "val_loss": U_SHAPED}, "adamax": {"loss": FALLING, "val_loss": FALLING}}
+    optimizer = {
+        "sgd": {"loss": np.full(20, 0.69), "val_loss": np.full(20, 0.69)},
+        "adam": {"loss": FALLING * 0.5, "val_loss": U_SHAPED},
+        "adamax": {"loss": FALLING, "val_loss": FALLING},
+    }
     assert judge_experiment({"claim": "optimizer"}, optimizer, DEFAULT_RULES)[0] == "holds"
-    assert judge_experiment({"claim": "optimizer"}, {"sgd": optimizer["sgd"]}, DEFAULT_RULES)[0].startswith("not checked")
+    assert judge_experiment({"claim": "optimizer"}, {"sgd": optimizer["sgd"]}, DEFAULT_RULES)[0].startswith(
+        "not checked"
+    )
     assert judge_experiment({"claim": "mine"}, optimizer, DEFAULT_RULES)[0].startswith("not checked")
 
 
-@pytest.mark.parametrize("change, message", [
-    ("[experiments.depth]\nfactor = 'colour'\nvalues = [1, 2]", "factor 'colour' is not a training setting"),
-    ("[experiments.depth]\nfactor = 'depth'\nvalues = [3]", "values must list at least two"),
-    ("[experiments.depth]\nfactor = 'depth'\nvalues = [3, 4]\nlabels = ['a']", "labels must name each"),
-    ("[study]\nepoch = 3\n[experiments.depth]\nfactor = 'depth'\nvalues = [3, 4]", "unknown settings ['epoch']"),
-    ("[study\n", "not valid TOML"),
-    ("[study]\nepochs = 3\n", "no [experiments.<name>] tables"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ("[experiments.depth]\nfactor = 'colour'\nvalues = [1, 2]", "factor 'colour' is not a training setting"),
+        ("[experiments.depth]\nfactor = 'depth'\nvalues = [3]", "values must list at least two"),
+        ("[experiments.depth]\nfactor = 'depth'\nvalues = [3, 4]\nlabels = ['a']", "labels must name each"),
+        ("[study]\nepoch = 3\n[experiments.depth]\nfactor = 'depth'\nvalues = [3, 4]", "unknown settings 'epoch'"),
+        ("[study]\nepochs = 0\n[experiments.depth]\nfactor = 'depth'\nvalues = [3, 4]", "[study]: --epochs = 0"),
+        ("[study]\nloss = 'l1'\n[experiments.depth]\nfactor = 'depth'\nvalues = [3, 4]", "--loss = 'l1'"),
+        (
+            "[study]\nelastic_backend = 'scipy'\n[experiments.depth]\nfactor = 'depth'\nvalues = [3, 4]",
+            "--elastic-backend = 'scipy'",
+        ),
+        (
+            "[experiments.depth]\nfactor = 'depth'\nvalues = [3, 4]\nfixed = { augment_placement = 'gpu' }",
+            "--augment-placement = 'gpu'",
+        ),
+        ("[experiments.depth]\nfactor = 'depth'\nvalues = [3, 0]", "--depth = 0"),
+        ("[study\n", "not valid TOML"),
+        ("[study]\nepochs = 3\n", "no [experiments.<name>] tables"),
+    ],
+)
 def test_bad_study_files_are_named(tmp_path, change, message):
     path = tmp_path / "study.toml"
     path.write_text(change)
@@ -90,8 +113,16 @@ def test_missing_study_file_and_unknown_experiment_are_one_line_errors(isbi_dir,
     assert missing.returncode == 2 and "none.toml: no such study file" in error_line(missing)
     unknown = run_cli("study", *data, "--quick", "--experiments", "depth,colour", "--logs-dir", tmp_path)
     assert unknown.returncode == 2 and "unknown experiments ['colour']" in error_line(unknown)
-    bad_data = run_cli("study", "--data", tmp_path / "none.tif", "--labels", isbi_dir / "train-labels.tif", "--quick",
-                       "--logs-dir", tmp_path)
+    bad_data = run_cli(
+        "study",
+        "--data",
+        tmp_path / "none.tif",
+        "--labels",
+        isbi_dir / "train-labels.tif",
+        "--quick",
+        "--logs-dir",
+        tmp_path,
+    )
     assert bad_data.returncode == 2 and "none.tif" in error_line(bad_data)
     assert not (tmp_path / "study-quick").exists()
 
@@ -104,7 +135,7 @@ def test_quick_study_end_to_end_resumes_and_keeps_what_it_finished(isbi_dir, tmp
     assert result.returncode == 0, result.stderr
     root = tmp_path / "logs" / "study-quick"
     report = root / "report"
-    study = tomllib.loads(STUDY_CONFIG.read_text())["experiments"]
+    study = tomllib.loads(shipped_toml(STUDY_CONFIG))["experiments"]
     rows = list(csv.DictReader(open(report / "summary.csv")))
     assert len(rows) == sum(len(e["values"]) for e in study.values()) == 10
     markdown = (report / "report.md").read_text()
@@ -137,5 +168,7 @@ def test_quick_study_end_to_end_resumes_and_keeps_what_it_finished(isbi_dir, tmp
     # other settings on top of finished runs: refused, nothing touched
     before = (root / "depth" / "depth-3" / "history.csv").read_text()
     clash = run_cli(*args, "--epochs", "3")
-    assert clash.returncode == 2 and "holds a finished run with other settings (epochs: 2 there, 3 now)" in error_line(clash)
+    assert clash.returncode == 2 and "holds a finished run with other settings (epochs: 2 there, 3 now)" in error_line(
+        clash
+    )
     assert (root / "depth" / "depth-3" / "history.csv").read_text() == before

@@ -1,83 +1,120 @@
-import keras
+"""`em-unet train` as a user runs it: every refusal happens before training, in one line, leaving nothing."""
+
 import numpy as np
 import pytest
-import tensorflow as tf
+import tifffile
 
-from em_unet.augment import AugmentConfig
-from em_unet.model import build_unet
-from em_unet.train import StepAugmentedModel, TrainConfig
-from tests.test_augment import PY_OPS
+from em_unet import cli
 
 
-def test_augmentation_inside_the_training_step():
-    """The accelerator placement, exercised on the CPU: augmentation runs in the compiled train step."""
-    keras.utils.set_random_seed(0)
-    unet = build_unet(depth=2, base_filters=4)
-    model = StepAugmentedModel(unet, AugmentConfig(), seed=3)
-    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="binary_crossentropy")
+def write(path, array):
+    tifffile.imwrite(path, array, photometric="minisblack")
+    return path
+
+
+@pytest.fixture
+def stack(tmp_path):
     rng = np.random.default_rng(0)
-    images = rng.random((4, 32, 32, 1), dtype=np.float32)
-    masks = (images > 0.5).astype(np.float32)
-    history = model.fit(images, masks, batch_size=2, epochs=2, verbose=0)
-    assert len(history.history["loss"]) == 2 and np.isfinite(history.history["loss"]).all()
-    spec = tf.TensorSpec([2, 32, 32, 1], tf.float32)
-    graph = tf.function(model.train_step).get_concrete_function((spec, spec)).graph
-    ops = {op.type for op in graph.get_operations()}
-    for function in graph.as_graph_def().library.function:
-        ops |= {node.op for node in function.node_def}
-    assert {"StatelessRandomNormalV2", "GatherV2"} <= ops
-    assert not ops & PY_OPS
-    # inference goes through the inner U-Net unchanged
-    assert np.allclose(model.predict(images, verbose=0), unet.predict(images, verbose=0))
+    labels = np.where(rng.random((3, 64, 64)) < 0.2, 0, 255).astype(np.uint8)
+    write(tmp_path / "img.tif", rng.integers(0, 255, (3, 64, 64), dtype=np.uint8))
+    write(tmp_path / "lab.tif", labels)
+    return tmp_path
 
 
-def test_config_carries_the_augmentation_flags():
-    from em_unet.train import TrainConfig
-
-    config = TrainConfig(data="d", labels="l", elastic_sigma_px=4.0, elastic_points=5, rotation_degrees=15.0)
-    augment = config.augment_config()
-    assert (augment.elastic_sigma_px, augment.elastic_points, augment.rotation_degrees) == (4.0, 5, 15.0)
-    assert TrainConfig(data="d", labels="l", elastic_sigma_px=0).augment_config().elastic is False
-    assert TrainConfig(data="d", labels="l", augment=False).augment_config() is None
-
-
-def test_time_limit_ends_training_before_the_next_epoch():
-    from em_unet.train import TimeLimit
-
-    model = build_unet(depth=2, base_filters=4)
-    model.compile(optimizer="adam", loss="binary_crossentropy")
-    images = np.random.default_rng(0).random((4, 16, 16, 1), dtype=np.float32)
-    history = model.fit(images, (images > 0.5).astype(np.float32), epochs=5, verbose=0, callbacks=[TimeLimit(0.0)])
-    assert len(history.history["loss"]) == 1
-    history = model.fit(images, (images > 0.5).astype(np.float32), epochs=3, verbose=0, callbacks=[TimeLimit(60.0)])
-    assert len(history.history["loss"]) == 3
+TINY = [
+    "--depth",
+    "2",
+    "--base-filters",
+    "4",
+    "--patch-size",
+    "32",
+    "--batch-size",
+    "2",
+    "--steps-per-epoch",
+    "1",
+    "--epochs",
+    "1",
+    "--precision",
+    "float32",
+]
 
 
-def test_precision_auto_follows_the_hardware(monkeypatch):
-    from em_unet import train as train_module
+def refusals(folder):
+    (folder / "models-file").write_text("not a folder")
+    (folder / "logs-file").write_text("not a folder")
+    write(folder / "small-labels.tif", np.zeros((3, 32, 32), np.uint8))
+    write(folder / "all-interior.tif", np.full((3, 64, 64), 255, np.uint8))
+    write(
+        folder / "nan.tif", np.where(np.arange(3 * 64 * 64).reshape(3, 64, 64) == 5000, np.nan, 0.5).astype(np.float32)
+    )
+    (folder / "runs" / "taken").mkdir(parents=True)
+    (folder / "runs" / "taken" / "config.json").write_text("{}")
+    return [
+        (["--data", folder / "missing.tif"], "missing.tif: no such file"),
+        (["--labels", folder / "small-labels.tif"], "label shape (3, 32, 32) differs"),
+        (["--labels", folder / "all-interior.tif"], "no membrane pixel"),
+        (["--data", folder / "nan.tif"], "NaN or infinite value at slice 1"),
+        (["--val-slices", "2-7"], "validation slices 2-7 are outside the stack's slices 0-2"),
+        (["--val-slices", "0-2"], "leave no slice"),
+        (["--patch-size", "128"], "patch size 128 px is larger than the slices"),
+        (["--models-dir", folder / "models-file"], "models-file is a file, not a folder"),
+        (["--logs-dir", folder / "logs-file"], "logs-file is a file, not a folder"),
+        (["--logs-dir", folder / "runs", "--run-name", "taken"], "already exists: choose another --run-name"),
+        (["--logs-dir", "/proc/em-unet-logs"], "/proc"),
+        (["--lr", "nan"], "--lr (learning_rate) = nan"),
+        (["--steps-per-epoch", "0"], "--steps-per-epoch = 0"),
+    ]
 
-    monkeypatch.setattr(train_module.tf.config, "list_physical_devices", lambda kind=None: [])
-    monkeypatch.setattr(train_module, "cpu_flags", lambda: {"avx2", "amx_bf16"})
-    assert train_module.resolve_precision("auto") == "mixed_bfloat16"
-    monkeypatch.setattr(train_module, "cpu_flags", lambda: {"avx2", "avx512f"})
-    assert train_module.resolve_precision("auto") == "float32"
-    assert train_module.resolve_precision("mixed_float16") == "mixed_float16"
-    gpu = object()
-    monkeypatch.setattr(train_module.tf.config, "list_physical_devices", lambda kind=None: [gpu])
-    for capability, expected in (((7, 5), "mixed_float16"), ((8, 0), "mixed_bfloat16")):
-        monkeypatch.setattr(train_module.tf.config.experimental, "get_device_details",
-                            lambda device, c=capability: {"compute_capability": c})
-        assert train_module.resolve_precision("auto") == expected
+
+def test_every_refusal_comes_before_training_and_leaves_nothing(stack, capsys, monkeypatch):
+    monkeypatch.chdir(stack)
+    cases = refusals(stack)
+    before = sorted(p.relative_to(stack) for p in stack.rglob("*"))
+    for change, message in cases:
+        args = {
+            "--data": stack / "img.tif",
+            "--labels": stack / "lab.tif",
+            "--val-slices": "2-2",
+            "--logs-dir": stack / "logs",
+            "--models-dir": stack / "models",
+        }
+        extra = []
+        for flag, value in zip(change[::2], change[1::2]):
+            if flag in args:
+                args[flag] = value
+            else:
+                extra += [flag, value]
+        argv = ["train", *TINY, *[str(x) for pair in args.items() for x in pair], *map(str, extra)]
+        assert cli.main(argv) == 2, change
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("em-unet: error: ") and message in err[0], (change, err)
+        assert sorted(p.relative_to(stack) for p in stack.rglob("*")) == before, change  # nothing created
 
 
-def test_cosine_schedule_warms_up_then_decays_to_one_percent():
-    from em_unet.train import learning_rate_schedule
+@pytest.mark.slow
+def test_a_diverged_run_says_so_instead_of_a_missing_file(stack, capsys, monkeypatch):
+    """val_loss never finite (here: the loss made NaN) gives one line and keeps the run's logs."""
+    from em_unet import assembly
 
-    assert learning_rate_schedule(3e-4, "constant", 1000) == 3e-4
-    schedule = learning_rate_schedule(1e-3, "cosine", 1000)  # 20 warm-up steps (2 %), then 980 of decay
-    rate = [float(schedule(step)) for step in (0, 10, 20, 510, 1000)]
-    assert rate[0] == pytest.approx(0.0) and rate[1] == pytest.approx(5e-4) and rate[2] == pytest.approx(1e-3)
-    assert rate[3] == pytest.approx(1e-3 * (0.01 + 0.99 * 0.5), rel=1e-3)  # half-way down the cosine
-    assert rate[4] == pytest.approx(1e-5)
-    with pytest.raises(ValueError, match="lr_schedule must be one of"):
-        TrainConfig(data="d", labels="l", lr_schedule="linear")
+    original = assembly.get_loss
+    monkeypatch.setattr(assembly, "get_loss", lambda name: lambda y, p: original(name)(y, p) * np.nan)
+    argv = [
+        "train",
+        *TINY,
+        "--data",
+        stack / "img.tif",
+        "--labels",
+        stack / "lab.tif",
+        "--val-slices",
+        "2-2",
+        "--logs-dir",
+        stack / "logs",
+        "--models-dir",
+        stack / "models",
+        "--run-name",
+        "nan",
+    ]
+    assert cli.main([str(a) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert "val_loss was never finite" in err and "lower --lr" in err
+    assert (stack / "logs" / "nan" / "config.json").exists() and not (stack / "models").exists()

@@ -1,0 +1,850 @@
+"""The one typed configuration: every setting's default, valid values and help text, and its checks.
+
+Each command's settings are a dataclass whose fields are declared with :func:`setting`. From that
+one declaration come
+
+- the checks: :meth:`Settings.validate` runs on construction and refuses a bad value with one line
+  naming the setting (its flag and its name), the value and what would be valid;
+- the command line: :func:`add_arguments` derives every flag (name, type, choices, help with the
+  default) and :func:`from_args` builds the dataclass from what the user gave;
+- the files: ``config.json`` of a run is :meth:`Settings.to_dict`; the study TOML and the search-space
+  TOML are read with :meth:`Settings.from_dict`, which refuses unknown keys;
+- the README's flag tables (:func:`flags_markdown`; a test keeps the README equal to it).
+
+The settings stay one flat namespace per command, grouped (data, model, optimisation, augmentation,
+runtime, outputs) only for ``--help`` and the README, so a study TOML or ``config.json`` names a setting
+exactly as the flag does, with underscores.
+
+This module imports nothing heavy: the choice lists live here and the modules that act on them import them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import re
+import types
+import typing
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from em_unet.errors import ConfigError
+
+# ---------------------------------------------------------------- the choice lists
+
+LABEL_CONVENTIONS = ("auto", "isbi", "mask")
+OPTIMIZERS = ("sgd", "adam", "adamax")
+LR_SCHEDULES = ("constant", "cosine")
+LOSSES = ("bce", "dice", "bce_dice", "weighted_bce")
+ELASTIC_BACKENDS = ("tensorflow", "elasticdeform")
+AUGMENT_PLACEMENTS = ("auto", "pipeline", "step")
+PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
+EXPORT_PRECISIONS = ("float32", "trained")
+STRATEGIES = ("auto", "one-device", "mirrored", "multi-worker")
+ALGORITHMS = ("hyperband", "bayesian", "random", "grid")
+OBJECTIVES = ("val_loss", "loss")
+SAMPLINGS = ("linear", "log")
+
+GROUPS = {
+    "data": "data",
+    "model": "model",
+    "optimisation": "optimisation",
+    "augmentation": "augmentation",
+    "runtime": "runtime",
+    "outputs": "outputs",
+    "prediction": "prediction",
+    "segmentation": "segmentation (seeded watershed + agglomeration; defaults measured on ISBI 2012 slices 15-19)",
+    "search": "search",
+    "volumes": "large volumes (HDF5, Zarr, OME-Zarr inputs or outputs: predicted block by block on Dask)",
+    "distributed": "distributed tuning (KerasTuner chief and workers; default: the KERASTUNER_* variables, "
+    "else one process)",
+    "study": "study",
+    "options": "options",
+}
+
+
+def setting(
+    default=dataclasses.MISSING,
+    help: str = "",
+    *,
+    flag: str | None = None,
+    group: str = "options",
+    choices: tuple | None = None,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    above: float | None = None,
+    below: float | None = None,
+    metavar: str | None = None,
+    parse: Callable[[str], object] | None = None,
+    default_text: str | None = None,
+    positional: bool = False,
+    cli: bool = True,
+    toml: bool = True,
+):
+    """A dataclass field with everything the CLI, the checks and the docs need.
+
+    ``minimum``/``maximum`` are inclusive bounds, ``above``/``below`` exclusive ones. ``parse`` turns
+    the command line's (or a TOML's) text into the value (e.g. ``"15-19"`` into ``(15, 19)``).
+    ``default_text`` is what ``--help`` says for the default instead of the value (e.g. for None).
+    ``cli=False``: no flag; ``toml=False``: not settable from a TOML file.
+    """
+    metadata = {
+        "help": help,
+        "flag": flag,
+        "group": group,
+        "choices": choices,
+        "minimum": minimum,
+        "maximum": maximum,
+        "above": above,
+        "below": below,
+        "metavar": metavar,
+        "parse": parse,
+        "default_text": default_text,
+        "positional": positional,
+        "cli": cli,
+        "toml": toml,
+    }
+    return field(default=default, metadata=metadata)
+
+
+def parse_slice_range(text: str) -> tuple[int, int]:
+    """``"15-19"`` -> (15, 19), inclusive slice indices; ``"7"`` -> (7, 7)."""
+    match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+))?\s*", str(text))
+    if not match:
+        raise ValueError("is not of the form FIRST-LAST, e.g. 15-19")
+    first = int(match.group(1))
+    last = int(match.group(2)) if match.group(2) else first
+    return first, last
+
+
+def shipped_toml(name: str) -> str:
+    """The text of a TOML file that ships inside the package (``em_unet.tuning``: the top-level ``tuning/``)."""
+    from importlib import resources
+
+    return resources.files("em_unet.tuning").joinpath(name).read_text(encoding="utf-8")
+
+
+# ---------------------------------------------------------------- checking one value
+
+
+def flag_of(f: dataclasses.Field) -> str | None:
+    """The command-line flag of a field (None for positional arguments and fields without one)."""
+    if not f.metadata.get("cli", True) or f.metadata.get("positional"):
+        return None
+    if f.metadata.get("flag"):
+        return f.metadata["flag"]
+    if _base_type(f) is bool and f.default is True:
+        return "--no-" + f.name.replace("_", "-")
+    return "--" + f.name.replace("_", "-")
+
+
+def describe(f: dataclasses.Field) -> str:
+    """How an error names a setting: its flag and its name as config files spell it."""
+    flag = flag_of(f)
+    if f.metadata.get("positional"):
+        return f.name.upper()
+    return f"{flag} ({f.name})" if flag and flag.lstrip("-").replace("-", "_") != f.name else (flag or f.name)
+
+
+_HINTS: dict[type, dict] = {}
+
+
+def _hint(f: dataclasses.Field, owner: type):
+    if owner not in _HINTS:
+        _HINTS[owner] = typing.get_type_hints(owner)
+    return _HINTS[owner][f.name]
+
+
+def _split_optional(hint) -> tuple[object, bool]:
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return args[0], len(args) < len(typing.get_args(hint))
+    return hint, False
+
+
+def _base_type(f: dataclasses.Field, owner: type | None = None):
+    hint = f.type if owner is None else _hint(f, owner)
+    if isinstance(hint, str):  # annotations are strings under ``from __future__ import annotations``
+        hint = eval(hint, {"tuple": tuple, "int": int, "float": float, "str": str, "bool": bool})  # noqa: S307
+    return _split_optional(hint)[0]
+
+
+def value_type(cls: type, name: str):
+    """The type of setting ``name`` of ``cls`` without ``| None`` (``int``, ``float``, ``str``, ...)."""
+    return _base_type(cls.field(name), cls)
+
+
+def _rule(f: dataclasses.Field, base) -> str:
+    meta = f.metadata
+    if meta.get("choices"):
+        return "one of " + ", ".join(map(str, meta["choices"]))
+    if base is bool:
+        return "true or false"
+    if typing.get_origin(base) is tuple:
+        return "a slice range FIRST-LAST of slice indices with 0 <= FIRST <= LAST, e.g. 15-19"
+    kind = {int: "an integer", float: "a finite number", str: "a non-empty text", Path: "a path"}.get(base, str(base))
+    bounds = []
+    if meta.get("minimum") is not None:
+        bounds.append(f">= {meta['minimum']:g}")
+    if meta.get("above") is not None:
+        bounds.append(f"> {meta['above']:g}")
+    if meta.get("below") is not None:
+        bounds.append(f"< {meta['below']:g}")
+    if meta.get("maximum") is not None:
+        bounds.append(f"<= {meta['maximum']:g}")
+    return kind + (" " + " and ".join(bounds) if bounds else "")
+
+
+def check_value(f: dataclasses.Field, value, owner: type):
+    """The value of field ``f`` of ``owner`` checked and normalised (text parsed, lists made tuples)."""
+    hint = _hint(f, owner)
+    base, optional = _split_optional(hint)
+    meta = f.metadata
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{describe(f)} is required: give {_rule(f, base)}")
+    bad = ConfigError(f"{describe(f)} = {value!r}: must be {_rule(f, base)}")
+    if meta.get("parse") and isinstance(value, str) and base is not str:
+        try:
+            value = meta["parse"](value)
+        except ValueError:
+            raise bad from None
+    if base is bool:
+        if not isinstance(value, bool):
+            raise bad
+    elif base is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+    elif base is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise bad
+        value = float(value)
+    elif base is str:
+        if not isinstance(value, str) or not value.strip():
+            raise bad
+    elif typing.get_origin(base) is tuple:
+        if (
+            not isinstance(value, (list, tuple))
+            or len(value) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+            or not 0 <= value[0] <= value[1]
+        ):
+            raise bad
+        value = tuple(value)
+    if meta.get("choices") and value not in meta["choices"]:
+        raise bad
+    if base in (int, float):
+        if (
+            (meta.get("minimum") is not None and value < meta["minimum"])
+            or (meta.get("maximum") is not None and value > meta["maximum"])
+            or (meta.get("above") is not None and value <= meta["above"])
+            or (meta.get("below") is not None and value >= meta["below"])
+        ):
+            raise bad
+    return value
+
+
+# ---------------------------------------------------------------- settings classes
+
+
+class Settings:
+    """Mixed into each settings dataclass: checks every field on construction, reads and writes dicts."""
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """Check and normalise every field, then the rules between fields (:meth:`check`)."""
+        for f in fields(self):
+            object.__setattr__(self, f.name, check_value(f, getattr(self, f.name), type(self)))
+        self.check()
+
+    def check(self) -> None:
+        """Rules that involve several fields; override."""
+
+    def to_dict(self) -> dict:
+        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in fields(self)}
+
+    @classmethod
+    def field(cls, name: str) -> dataclasses.Field:
+        return next(f for f in fields(cls) if f.name == name)
+
+    @classmethod
+    def check_keys(cls, values: dict, where: str, allowed: Iterable[str] | None = None) -> None:
+        """Refuse keys that are not settings of ``cls`` (or not in ``allowed``), naming the valid ones."""
+        valid = list(allowed) if allowed is not None else [f.name for f in fields(cls) if f.metadata.get("toml", True)]
+        unknown = [key for key in values if key not in valid]
+        if unknown:
+            raise ConfigError(f"{where}: unknown settings {', '.join(map(repr, unknown))} (valid: {', '.join(valid)})")
+
+    @classmethod
+    def from_dict(cls, values: dict, where: str, allowed: Iterable[str] | None = None, **fixed):
+        """Build from a TOML table or a JSON record; errors are prefixed with ``where`` (a file and table)."""
+        cls.check_keys(values, where, allowed)
+        try:
+            return cls(**{**values, **fixed})
+        except ConfigError as err:
+            raise ConfigError(f"{where}: {err}") from None
+
+
+# ---------------------------------------------------------------- training
+
+
+@dataclass
+class TrainConfig(Settings):
+    """Everything a training run depends on; written to ``<run dir>/config.json``.
+
+    Sizes in pixels; slice ranges inclusive (first, last). The defaults are the preset chosen by
+    measurement on ISBI 2012 (README, "Quality"): 16 base filters and Adam 3e-4 beat 32 filters at
+    the same wall time, because they train about 3x as many epochs in it; a constant 3e-4 beat
+    cosine decay from 3e-4 and from 1e-3 at 95 epochs.
+    """
+
+    data: str = setting(
+        help="EM image stack: multi-page TIFF, 2-D TIFF, or folder of per-slice TIFF/PNG files",
+        group="data",
+        metavar="STACK",
+    )
+    labels: str = setting(
+        help="label stack of the same shape (ISBI 0 = membrane / 255 = interior, or a 0/1 membrane mask)",
+        group="data",
+        metavar="STACK",
+    )
+    label_convention: str = setting(
+        "auto", "how to read the labels; auto: from the values found", group="data", choices=LABEL_CONVENTIONS
+    )
+    val_slices: tuple[int, int] | None = setting(
+        None,
+        "contiguous validation slices, inclusive",
+        group="data",
+        metavar="FIRST-LAST",
+        parse=parse_slice_range,
+        default_text="the last quarter of the slices",
+    )
+    val_fraction: float | None = setting(
+        None,
+        "fraction of the slices taken from the end for validation",
+        group="data",
+        above=0.0,
+        below=1.0,
+        metavar="F",
+        default_text="0.25 unless --val-slices is given",
+    )
+    slices: tuple[int, int] | None = setting(
+        None,
+        "use only these slices of the stack (training and validation)",
+        group="data",
+        metavar="FIRST-LAST",
+        parse=parse_slice_range,
+        default_text="all",
+    )
+    depth: int = setting(4, "contracting levels of the U-Net", group="model", minimum=1, maximum=8)
+    base_filters: int = setting(
+        16, "filters of the first level; they double per level", group="model", minimum=1, maximum=1024
+    )
+    batch_norm: bool = setting(False, "batch normalisation after each convolution", group="model")
+    patch_size: int = setting(
+        256, "training crop side, pixels (a multiple of 2**depth)", group="optimisation", minimum=2, metavar="PX"
+    )
+    batch_size: int = setting(
+        4, "crops per batch (the global batch, split across replicas)", group="optimisation", minimum=1
+    )
+    epochs: int = setting(
+        40, "epochs (for tune: of each trial; Hyperband's longest trial)", group="optimisation", minimum=1
+    )
+    steps_per_epoch: int | None = setting(
+        None, "batches per epoch", group="optimisation", minimum=1, default_text="the training slices' area once"
+    )
+    optimizer: str = setting("adam", "optimizer", group="optimisation", choices=OPTIMIZERS)
+    learning_rate: float = setting(3e-4, "learning rate", flag="--lr", group="optimisation", above=0.0, maximum=10.0)
+    lr_schedule: str = setting(
+        "constant",
+        "cosine: 2 % linear warm-up to --lr, then cosine decay to 1 % of it at the last epoch",
+        group="optimisation",
+        choices=LR_SCHEDULES,
+    )
+    momentum: float = setting(0.0, "SGD momentum (0: plain SGD)", group="optimisation", minimum=0.0, below=1.0)
+    loss: str = setting(
+        "bce", "weighted_bce: the U-Net paper's border-weighted cross-entropy", group="optimisation", choices=LOSSES
+    )
+    early_stopping: int = setting(
+        0,
+        "stop after this many epochs without val_loss improvement (0: off; for tune: per trial)",
+        group="optimisation",
+        minimum=0,
+        metavar="EPOCHS",
+    )
+    max_minutes: float | None = setting(
+        None,
+        "stop before an epoch would end past this wall time, minutes (for "
+        "tune: no trial starts after it and the running one stops)",
+        group="optimisation",
+        above=0.0,
+        metavar="MIN",
+        default_text="no limit",
+    )
+    seed: int = setting(
+        0,
+        "random seed: the same seed gives the same crops, augmentations and initial weights "
+        "(and for tune the same trials)",
+        group="optimisation",
+        minimum=0,
+    )
+    augment: bool = setting(True, "augment the training crops (off: train on raw crops)", group="augmentation")
+    augment_placement: str = setting(
+        "auto",
+        "augment in the tf.data pipeline or the training step (auto: step on GPU)",
+        group="augmentation",
+        choices=AUGMENT_PLACEMENTS,
+    )
+    elastic_backend: str = setting(
+        "tensorflow",
+        "tensorflow: in-graph ops (GPU-capable); elasticdeform: the host-side reference op",
+        group="augmentation",
+        choices=ELASTIC_BACKENDS,
+    )
+    elastic_sigma_px: float = setting(
+        10.0,
+        "std. dev. of control-point displacements, pixels (0 turns elastic deformation off)",
+        flag="--elastic-sigma",
+        group="augmentation",
+        minimum=0.0,
+        maximum=100.0,
+        metavar="PX",
+    )
+    elastic_points: int = setting(
+        3, "control points per side of the elastic grid", group="augmentation", minimum=2, maximum=64, metavar="N"
+    )
+    rotation_degrees: float = setting(
+        180.0,
+        "rotations drawn from +-DEG degrees",
+        flag="--rotation",
+        group="augmentation",
+        minimum=0.0,
+        maximum=180.0,
+        metavar="DEG",
+    )
+    precision: str = setting(
+        "auto", "auto: bfloat16 where the CPU/GPU supports it, else float32", group="runtime", choices=PRECISIONS
+    )
+    strategy: str = setting(
+        "auto",
+        "tf.distribute strategy: mirrored = all local GPUs; multi-worker = the cluster "
+        "in TF_CONFIG (auto: multi-worker if TF_CONFIG names several tasks, mirrored "
+        "on several GPUs, else one device)",
+        group="runtime",
+        choices=STRATEGIES,
+    )
+    run_name: str | None = setting(
+        None, "name of the run folder under --logs-dir", group="outputs", default_text="train-<time>"
+    )
+    logs_dir: str = setting(
+        "logs", "where run folders (config, history, TensorBoard logs) go", group="outputs", metavar="DIR"
+    )
+    models_dir: str = setting("saved_models", "where SavedModels for TF Serving go", group="outputs", metavar="DIR")
+    model_name: str = setting("em_unet", "exported as MODELS_DIR/NAME/<version>", group="outputs", metavar="NAME")
+    export_precision: str = setting(
+        "float32",
+        "float32: the exported SavedModel computes in float32 whatever the "
+        "training precision (fast on every CPU/GPU TF Serving runs on); "
+        "trained: keep the training precision",
+        group="outputs",
+        choices=EXPORT_PRECISIONS,
+    )
+
+    def check(self) -> None:
+        if self.val_slices is not None and self.val_fraction is not None:
+            raise ConfigError("--val-slices and --val-fraction both given: give one of them")
+        step = 2**self.depth
+        if self.patch_size % step:
+            lower, upper = max(step, self.patch_size // step * step), -(-self.patch_size // step) * step
+            raise ConfigError(
+                f"--patch-size {self.patch_size}: must be a multiple of 2**depth = {step} px at "
+                f"--depth {self.depth} (nearest: {lower} or {upper})"
+            )
+        for name in ("run_name", "model_name"):
+            value = getattr(self, name)
+            if value is not None and (value in (".", "..") or "/" in value or "\\" in value):
+                raise ConfigError(
+                    f"{describe(self.field(name))} = {value!r}: must be a folder name, "
+                    "not a path (use --logs-dir / --models-dir for the place)"
+                )
+
+    def augment_config(self):
+        """The :class:`~em_unet.augment.AugmentConfig` this run trains with, or None when ``augment`` is off."""
+        from em_unet.augment import AugmentConfig
+
+        if not self.augment:
+            return None
+        return AugmentConfig(
+            rotation_degrees=self.rotation_degrees,
+            elastic=self.elastic_sigma_px > 0,
+            elastic_sigma_px=self.elastic_sigma_px,
+            elastic_points=self.elastic_points,
+            elastic_backend=self.elastic_backend,
+        )
+
+
+# Settings that name what is read and where things go, not how a model trains: a study cannot vary them.
+NAMING_FIELDS = (
+    "data",
+    "labels",
+    "label_convention",
+    "run_name",
+    "logs_dir",
+    "models_dir",
+    "model_name",
+    "export_precision",
+)
+# What a search space may search: architecture and optimizer (chosen in HyperModel.build) and
+# training-time settings (chosen in HyperModel.fit).
+BUILD_FIELDS = ("depth", "base_filters", "batch_norm", "optimizer", "learning_rate", "lr_schedule", "momentum", "loss")
+FIT_FIELDS = ("augment", "elastic_sigma_px", "elastic_points", "rotation_degrees", "batch_size", "patch_size")
+
+
+# ---------------------------------------------------------------- tuning
+
+
+@dataclass
+class SearchConfig(Settings):
+    """How ``em-unet tune`` searches; the search-space TOML's ``[tuner]`` table sets the ones marked for it,
+    flags override the TOML."""
+
+    search_space: str | None = setting(
+        None,
+        "search-space TOML: [tuner] settings and the [space] to search",
+        group="search",
+        metavar="TOML",
+        toml=False,
+        default_text="the built-in default.toml: optimizer and learning rate",
+    )
+    algorithm: str = setting("hyperband", "search algorithm", flag="--tuner", group="search", choices=ALGORITHMS)
+    objective: str = setting("val_loss", "what the search minimises", group="search", choices=OBJECTIVES)
+    max_trials: int = setting(12, "trials for bayesian / random / grid", group="search", minimum=1)
+    hyperband_factor: int = setting(3, "Hyperband's reduction factor between brackets", group="search", minimum=2)
+    project: str = setting(
+        "default",
+        "name of the search under LOGS_DIR/tune/; re-running the same project resumes it",
+        group="search",
+        toml=False,
+    )
+    overwrite: bool = setting(False, "start the search anew instead of resuming", group="search", toml=False)
+    tuner_id: str | None = setting(
+        None,
+        "'chief' serves the oracle; any other id (tuner0, tuner1, ...) is a "
+        "worker that runs trials (KERASTUNER_TUNER_ID)",
+        group="distributed",
+        toml=False,
+    )
+    oracle_ip: str | None = setting(
+        None, "address of the chief (KERASTUNER_ORACLE_IP)", group="distributed", toml=False
+    )
+    oracle_port: int | None = setting(
+        None, "port of the chief (KERASTUNER_ORACLE_PORT)", group="distributed", minimum=1, maximum=65535, toml=False
+    )
+    worker_timeout: float = setting(
+        120.0,
+        "chief: a worker silent this long, seconds, loses its trial to the others",
+        group="distributed",
+        above=0.0,
+        metavar="SEC",
+        toml=False,
+    )
+
+    def check(self) -> None:
+        if self.project in (".", "..") or "/" in self.project:
+            raise ConfigError(f"--project {self.project!r}: must be a folder name, not a path")
+
+
+# Flags of `train` that `tune` does not offer: a search names its folder with --project.
+TUNE_EXCLUDED = ("run_name",)
+
+
+# ---------------------------------------------------------------- prediction and segmentation
+
+
+@dataclass
+class PredictConfig(Settings):
+    """How ``em-unet predict`` cuts slices into tiles; the library functions take the same names, with these
+    defaults."""
+
+    model: str = setting(
+        help="SavedModel folder (a version, or its parent: newest version) or .keras file", positional=True
+    )
+    stack: str = setting(help="EM stack to segment", positional=True)
+    output: str = setting(help="TIFF to write", flag="-o", metavar="OUT.tif")
+    tile: int | None = setting(
+        None,
+        "tile side in pixels, a multiple of 2**depth",
+        group="prediction",
+        minimum=16,
+        maximum=16384,
+        metavar="PX",
+        default_text="the whole slice plus margins, up to 1024 px a side; larger slices are tiled",
+    )
+    margin: int = setting(
+        32,
+        "context border of each tile, pixels, not used for output",
+        group="prediction",
+        minimum=0,
+        maximum=4096,
+        metavar="PX",
+    )
+    overlap: int = setting(
+        16,
+        "pixels over which neighbouring tiles are blended",
+        group="prediction",
+        minimum=0,
+        maximum=4096,
+        metavar="PX",
+    )
+    tile_batch: int = setting(
+        4, "tiles per forward pass (sets peak memory)", group="prediction", minimum=1, maximum=1024, metavar="N"
+    )
+    tta: bool = setting(False, "average the 8 flips/rotations (8x slower)", group="prediction")
+    binary: bool = setting(False, "write uint8 0/255 thresholded at 0.5", group="prediction")
+    isbi: bool = setting(False, "ISBI 2012 submission convention: 1 (or 255) = cell interior", group="prediction")
+    segment: str | None = setting(
+        None,
+        "also segment the prediction into neurons and write the labels here (as "
+        "em-unet segment does, with the segmentation options below)",
+        metavar="SEGMENTS.tif",
+        group="prediction",
+    )
+    overwrite: bool = setting(False, "replace existing output files")
+    key: str | None = setting(
+        None,
+        "the input's array inside an HDF5 file or Zarr store (instead of FILE.h5:/KEY or STORE.zarr/KEY)",
+        group="volumes",
+        metavar="KEY",
+    )
+    block: int | None = setting(
+        None,
+        "block side, pixels, of blockwise prediction",
+        group="volumes",
+        minimum=64,
+        maximum=16384,
+        metavar="PX",
+        default_text="the input's chunk side, else 512",
+    )
+    scheduler: str | None = setting(
+        None,
+        "address of a running Dask scheduler to predict on (e.g. tcp://10.0.0.5:8786; a SLURM or Kubernetes cluster)",
+        group="volumes",
+        metavar="ADDRESS",
+        default_text="a LocalCluster on this machine",
+    )
+    workers: int | None = setting(
+        None,
+        "worker processes of the LocalCluster",
+        group="volumes",
+        minimum=1,
+        maximum=1024,
+        metavar="N",
+        default_text="one per GPU, else one per core",
+    )
+
+    def check(self) -> None:
+        check_tiling(self.tile, self.margin, self.overlap)
+        if self.scheduler and self.workers:
+            raise ConfigError(
+                "--scheduler and --workers both given: --workers sizes the LocalCluster that --scheduler replaces"
+            )
+        if self.segment and (self.binary or self.isbi):
+            raise ConfigError("--segment needs the membrane probability: leave out --binary and --isbi")
+
+
+def check_tiling(tile: int | None, margin: int, overlap: int) -> None:
+    """Refuse a tile (pixels) that leaves no core once ``margin`` and ``overlap`` are taken off."""
+    if tile is not None and tile - 2 * margin - overlap < 1:
+        raise ConfigError(
+            f"--tile {tile} px leaves no core after 2 x --margin {margin} px and --overlap "
+            f"{overlap} px: choose --tile >= {2 * margin + overlap + 16} or a smaller margin"
+        )
+
+
+def check_prediction_settings(tile: int | None, margin: int, overlap: int, tile_batch: int) -> None:
+    """The checks of :class:`PredictConfig` for library callers that pass the values one by one."""
+    for name, value in (("tile", tile), ("margin", margin), ("overlap", overlap), ("tile_batch", tile_batch)):
+        check_value(PredictConfig.field(name), value, PredictConfig)
+    check_tiling(tile, margin, overlap)
+
+
+# ---------------------------------------------------------------- the other commands' own options
+
+
+@dataclass
+class PreviewOptions(Settings):
+    output: str = setting("augment-preview.png", "PNG to write", flag="-o")
+    samples: int = setting(6, "rows of the grid", minimum=1, maximum=64)
+    overwrite: bool = setting(False, "replace an existing output file")
+
+
+@dataclass
+class EvaluateOptions(Settings):
+    prediction: str = setting(
+        help="membrane-probability TIFF stack (from em-unet predict), or a label image (from "
+        "em-unet segment, or any with --segments)",
+        positional=True,
+    )
+    labels: str = setting(help="label stack of the same shape", positional=True)
+    isbi: bool = setting(False, "the prediction is in the ISBI convention (1 = cell)")
+    segments: bool = setting(
+        False,
+        "score PREDICTION as a label image (0 = boundary, 1, 2, ... = segments); "
+        "automatic for em-unet segment's TIFFs and 32/64-bit integer images",
+    )
+    label_convention: str = setting(
+        "auto", "how to read the labels; auto: from the values found", choices=LABEL_CONVENTIONS
+    )
+    output: str | None = setting(None, "JSON file to write the scores to", flag="-o", metavar="OUT.json")
+    overwrite: bool = setting(False, "replace an existing output file")
+
+
+@dataclass
+class SegmentOptions(Settings):
+    probability: str = setting(help="membrane-probability TIFF stack: float in [0, 1], or 8/16-bit", positional=True)
+    output: str = setting(help="label TIFF to write", flag="-o", metavar="SEGMENTS.tif")
+    overwrite: bool = setting(False, "replace existing output files")
+
+
+@dataclass
+class StudyOptions(Settings):
+    config: str | None = setting(
+        None, "study definition", metavar="TOML", group="study", default_text="the built-in seed-study.toml"
+    )
+    experiments: str | None = setting(
+        None,
+        "comma-separated experiments to run (the seed study has depth, augmentation, lr, optimizer)",
+        metavar="A,B",
+        group="study",
+        default_text="all",
+    )
+    quick: bool = setting(
+        False,
+        "smoke test: the TOML's [quick] settings (tiny model, 2 epochs, 2 slices), logged to LOGS_DIR/study-quick/",
+        group="study",
+    )
+    report: str | None = setting(
+        None, "report folder", metavar="DIR", group="study", default_text="LOGS_DIR/study/report"
+    )
+
+
+@dataclass
+class PlotOptions(Settings):
+    folder: str = setting(help="a run folder (logs/<run>) or a folder of runs (logs/study)", positional=True)
+    output: str | None = setting(None, "where the PNGs go", flag="-o", metavar="DIR", default_text="FOLDER/report")
+
+
+# ---------------------------------------------------------------- the command line
+
+
+def _default_text(f: dataclasses.Field, note: str | None = None) -> str | None:
+    if note:
+        return note
+    if f.metadata.get("default_text"):
+        return f.metadata["default_text"]
+    if f.default is dataclasses.MISSING or isinstance(f.default, bool) or f.default is None:
+        return None
+    return f"{f.default:g}" if isinstance(f.default, float) else str(f.default)
+
+
+def help_text(f: dataclasses.Field, note: str | None = None) -> str:
+    """The help of a field with its default."""
+    default = _default_text(f, note)
+    return f.metadata["help"] + (f" (default: {default})" if default else "")
+
+
+def selected(cls: type, include: Iterable[str] | None = None, exclude: Iterable[str] = ()) -> list:
+    chosen = [f for f in fields(cls) if f.metadata.get("cli", True) and f.name not in set(exclude)]
+    if include is not None:
+        wanted = list(include)
+        chosen = sorted((f for f in chosen if f.name in wanted), key=lambda f: wanted.index(f.name))
+    return chosen
+
+
+def add_arguments(
+    parser: argparse.ArgumentParser,
+    cls: type,
+    include: Iterable[str] | None = None,
+    exclude: Iterable[str] = (),
+    notes: dict[str, str] | None = None,
+) -> None:
+    """Add a flag (or positional argument) for each chosen field of the settings class ``cls``.
+
+    Flags default to "not given" (``argparse.SUPPRESS``), so :func:`from_args` knows what the user
+    set and the class supplies every default. ``notes`` replaces the default shown for a field
+    (e.g. "from the TOML").
+    """
+    notes = notes or {}
+    groups = parser.__dict__.setdefault("_em_unet_groups", {})
+    for f in selected(cls, include, exclude):
+        meta = f.metadata
+        kwargs = {"help": help_text(f, notes.get(f.name)).replace("%", "%%")}
+        base = _base_type(f, cls)
+        if base is bool:
+            kwargs["action"] = "store_false" if f.default is True else "store_true"
+        else:
+            kwargs["type"] = {int: int, float: float}.get(base, str)
+            if meta.get("choices"):
+                kwargs["choices"] = meta["choices"]
+            kwargs["metavar"] = meta.get("metavar") or {int: "N", float: "X"}.get(base, "TEXT")
+            if meta.get("choices"):
+                kwargs.pop("metavar")
+        if meta.get("positional"):
+            parser.add_argument(f.name, **kwargs)
+            continue
+        kwargs["dest"] = f.name
+        kwargs["default"] = argparse.SUPPRESS
+        if f.default is dataclasses.MISSING:
+            kwargs["required"] = True
+        names = [flag_of(f)]
+        if names[0] == "-o":
+            names.append("--output")
+        target = parser
+        if meta.get("group", "options") != "options":
+            title = GROUPS[meta["group"]]
+            target = groups.get(title) or groups.setdefault(title, parser.add_argument_group(title))
+        target.add_argument(*names, **kwargs)
+
+
+def given(args: argparse.Namespace, cls: type) -> dict:
+    """The settings of ``cls`` the user gave on the command line."""
+    return {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
+
+
+def from_args(cls: type, args: argparse.Namespace, **overrides):
+    """Build ``cls`` from the flags given (defaults for the rest); checks every value."""
+    return cls(**{**given(args, cls), **overrides})
+
+
+def flags_markdown(cls: type, include: Iterable[str] | None = None, exclude: Iterable[str] = ()) -> str:
+    """A Markdown table of the flags of ``cls`` (the README's tables are these)."""
+    lines = ["| flag | default | valid | what it does |", "| --- | --- | --- | --- |"]
+    for f in selected(cls, include, exclude):
+        if f.metadata.get("positional"):
+            continue
+        base = _base_type(f, cls)
+        default = _default_text(f) or ("required" if f.default is dataclasses.MISSING else "off")
+        valid = "" if base is bool else _rule(f, base)
+        lines.append(f"| `{flag_of(f)}` | {default} | {valid} | {f.metadata['help']} |")
+    return "\n".join(lines)
+
+
+README_TABLES = {
+    "train": (TrainConfig, None, ()),
+    "tune": (SearchConfig, None, ()),
+    "predict": (PredictConfig, None, ()),
+}
+
+
+def main() -> None:  # pragma: no cover - ``python -m em_unet.config`` prints the README's tables
+    for name, (cls, include, exclude) in README_TABLES.items():
+        print(f"<!-- flags:{name} -->\n{flags_markdown(cls, include, exclude)}\n<!-- /flags:{name} -->\n")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

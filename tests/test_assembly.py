@@ -1,0 +1,120 @@
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from em_unet.assembly import StepAugmentedModel
+from em_unet.augment import AugmentConfig
+from em_unet.config import TrainConfig
+from em_unet.model import build_unet
+from tests.test_augment import PY_OPS
+
+
+def test_augmentation_inside_the_training_step():
+    """The accelerator placement, exercised on the CPU: augmentation runs in the compiled train step."""
+    keras.utils.set_random_seed(0)
+    unet = build_unet(depth=2, base_filters=4)
+    model = StepAugmentedModel(unet, AugmentConfig(), seed=3)
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="binary_crossentropy")
+    rng = np.random.default_rng(0)
+    images = rng.random((4, 32, 32, 1), dtype=np.float32)
+    masks = (images > 0.5).astype(np.float32)
+    history = model.fit(images, masks, batch_size=2, epochs=2, verbose=0)
+    assert len(history.history["loss"]) == 2 and np.isfinite(history.history["loss"]).all()
+    spec = tf.TensorSpec([2, 32, 32, 1], tf.float32)
+    graph = tf.function(model.train_step).get_concrete_function((spec, spec)).graph
+    ops = {op.type for op in graph.get_operations()}
+    for function in graph.as_graph_def().library.function:
+        ops |= {node.op for node in function.node_def}
+    assert {"StatelessRandomNormalV2", "GatherV2"} <= ops
+    assert not ops & PY_OPS
+    # inference goes through the inner U-Net unchanged
+    assert np.allclose(model.predict(images, verbose=0), unet.predict(images, verbose=0))
+
+
+def test_config_carries_the_augmentation_flags():
+    config = TrainConfig(data="d", labels="l", elastic_sigma_px=4.0, elastic_points=5, rotation_degrees=15.0)
+    augment = config.augment_config()
+    assert (augment.elastic_sigma_px, augment.elastic_points, augment.rotation_degrees) == (4.0, 5, 15.0)
+    assert TrainConfig(data="d", labels="l", elastic_sigma_px=0).augment_config().elastic is False
+    assert TrainConfig(data="d", labels="l", augment=False).augment_config() is None
+
+
+def test_time_limit_ends_training_before_the_next_epoch():
+    from em_unet.assembly import TimeLimit
+
+    model = build_unet(depth=2, base_filters=4)
+    model.compile(optimizer="adam", loss="binary_crossentropy")
+    images = np.random.default_rng(0).random((4, 16, 16, 1), dtype=np.float32)
+    history = model.fit(images, (images > 0.5).astype(np.float32), epochs=5, verbose=0, callbacks=[TimeLimit(0.0)])
+    assert len(history.history["loss"]) == 1
+    history = model.fit(images, (images > 0.5).astype(np.float32), epochs=3, verbose=0, callbacks=[TimeLimit(60.0)])
+    assert len(history.history["loss"]) == 3
+
+
+def test_precision_auto_follows_the_hardware(monkeypatch):
+    from em_unet import assembly as train_module
+
+    monkeypatch.setattr(train_module.tf.config, "list_physical_devices", lambda kind=None: [])
+    monkeypatch.setattr(train_module, "cpu_flags", lambda: {"avx2", "amx_bf16"})
+    assert train_module.resolve_precision("auto") == "mixed_bfloat16"
+    monkeypatch.setattr(train_module, "cpu_flags", lambda: {"avx2", "avx512f"})
+    assert train_module.resolve_precision("auto") == "float32"
+    assert train_module.resolve_precision("mixed_float16") == "mixed_float16"
+    gpu = object()
+    monkeypatch.setattr(train_module.tf.config, "list_physical_devices", lambda kind=None: [gpu])
+    for capability, expected in (((7, 5), "mixed_float16"), ((8, 0), "mixed_bfloat16")):
+        monkeypatch.setattr(
+            train_module.tf.config.experimental,
+            "get_device_details",
+            lambda device, c=capability: {"compute_capability": c},
+        )
+        assert train_module.resolve_precision("auto") == expected
+
+
+def test_cosine_schedule_warms_up_then_decays_to_one_percent():
+    from em_unet.assembly import learning_rate_schedule
+
+    assert learning_rate_schedule(3e-4, "constant", 1000) == 3e-4
+    schedule = learning_rate_schedule(1e-3, "cosine", 1000)  # 20 warm-up steps (2 %), then 980 of decay
+    rate = [float(schedule(step)) for step in (0, 10, 20, 510, 1000)]
+    assert rate[0] == pytest.approx(0.0) and rate[1] == pytest.approx(5e-4) and rate[2] == pytest.approx(1e-3)
+    assert rate[3] == pytest.approx(1e-3 * (0.01 + 0.99 * 0.5), rel=1e-3)  # half-way down the cosine
+    assert rate[4] == pytest.approx(1e-5)
+    with pytest.raises(ValueError, match="--lr-schedule = 'linear': must be one of constant, cosine"):
+        TrainConfig(data="d", labels="l", lr_schedule="linear")
+
+
+def test_precision_policy_is_restored_however_the_block_ends():
+    from em_unet.assembly import precision_policy
+
+    keras.mixed_precision.set_global_policy("float32")
+    with precision_policy("mixed_bfloat16") as name:
+        assert name == "mixed_bfloat16" and keras.mixed_precision.global_policy().name == "mixed_bfloat16"
+    assert keras.mixed_precision.global_policy().name == "float32"
+    with pytest.raises(RuntimeError):
+        with precision_policy("mixed_float16"):
+            raise RuntimeError("training failed")
+    assert keras.mixed_precision.global_policy().name == "float32"
+
+
+def test_a_failed_checkpoint_keeps_the_previous_best(tmp_path, monkeypatch):
+    """A full disk while saving leaves the earlier best.keras whole and no partial file."""
+    import errno
+
+    from em_unet.assembly import BestUnetCheckpoint
+
+    unet = build_unet(depth=2, base_filters=4)
+    checkpoint = BestUnetCheckpoint(unet, tmp_path / "best.keras")
+    checkpoint.on_epoch_end(0, {"val_loss": 0.5})
+    saved = (tmp_path / "best.keras").read_bytes()
+
+    def full_disk(path, *args, **kwargs):
+        open(path, "wb").write(b"PK\x03\x04 half")  # what a full disk leaves
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(unet, "save", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        checkpoint.on_epoch_end(1, {"val_loss": 0.4})
+    assert (tmp_path / "best.keras").read_bytes() == saved
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.keras"]
