@@ -286,8 +286,10 @@ def predict_volume(
     _, height, width = source.shape
     chunk_z, chunk_y, chunk_x = source.chunks
     if block and (block % chunk_y or block % chunk_x) and (block < height or block < width):
-        raise EmUnetError(f"--block {block} px does not divide into the input's chunks of {chunk_y} x {chunk_x} px: "
-                          f"choose a multiple of {max(chunk_y, chunk_x)} px, so each block reads whole chunks")
+        raise EmUnetError(
+            f"--block {block} px does not divide into the input's chunks of {chunk_y} x {chunk_x} px: "
+            f"choose a multiple of {max(chunk_y, chunk_x)} px, so each block reads whole chunks"
+        )
     side = block or (min(chunk_y, chunk_x) if min(chunk_y, chunk_x) >= 64 else DEFAULT_BLOCK_PX)
     block_shape = (chunk_z, min(side, height), min(side, width))
     blocks = plan_blocks(source.shape, block_shape)

@@ -52,8 +52,9 @@ def write(address, array, chunks):
 def test_blockwise_equals_in_memory_prediction_on_two_workers(model_path, volume, tmp_path):
     write(f"{tmp_path}/raw.zarr", volume, (1, 64, 64))
     expected = in_memory(model_path, volume)
-    out = predict_volume(model_path, f"{tmp_path}/raw.zarr", f"{tmp_path}/p.ome.zarr", workers=2, progress=False,
-                         **SETTINGS)
+    out = predict_volume(
+        model_path, f"{tmp_path}/raw.zarr", f"{tmp_path}/p.ome.zarr", workers=2, progress=False, **SETTINGS
+    )
     got = open_volume(out)
     assert got.shape == volume.shape and got.chunks == (1, 64, 64) and got.dtype == np.float32
     assert np.abs(got[...] - expected).max() < 1e-5
@@ -61,8 +62,17 @@ def test_blockwise_equals_in_memory_prediction_on_two_workers(model_path, volume
     # HDF5 in, HDF5 out (written by the client), a float input rescaled by its range, the ISBI convention
     float_volume = volume.astype(np.float32) * 3.0 + 7.0
     write(f"{tmp_path}/raw.h5:/em/raw", float_volume, (1, 64, 64))
-    out = predict_volume(model_path, f"{tmp_path}/raw.h5", f"{tmp_path}/p.h5:/probability", key="/em/raw",
-                         isbi=True, workers=2, block=128, progress=False, **SETTINGS)
+    out = predict_volume(
+        model_path,
+        f"{tmp_path}/raw.h5",
+        f"{tmp_path}/p.h5:/probability",
+        key="/em/raw",
+        isbi=True,
+        workers=2,
+        block=128,
+        progress=False,
+        **SETTINGS,
+    )
     assert np.abs(open_volume(out)[...] - in_memory(model_path, float_volume, isbi=True)).max() < 1e-5
 
 
@@ -85,10 +95,22 @@ def test_a_killed_run_resumes_and_finishes_with_the_same_result(model_path, volu
     big = np.concatenate([volume] * 4)  # 12 slices x 6 blocks
     write(f"{tmp_path}/raw.zarr", big, (1, 64, 64))
     output = f"{tmp_path}/p.zarr"
-    command = [sys.executable, "-m", "em_unet.cli", "predict", model_path, f"{tmp_path}/raw.zarr", "-o", output,
-               "--workers", "1", *[f"--{k.replace('_', '-')}={v}" for k, v in SETTINGS.items()]]
-    process = subprocess.Popen(list(map(str, command)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               start_new_session=True)
+    command = [
+        sys.executable,
+        "-m",
+        "em_unet.cli",
+        "predict",
+        model_path,
+        f"{tmp_path}/raw.zarr",
+        "-o",
+        output,
+        "--workers",
+        "1",
+        *[f"--{k.replace('_', '-')}={v}" for k, v in SETTINGS.items()],
+    ]
+    process = subprocess.Popen(
+        list(map(str, command)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     markers = marker_folder(output)
     deadline = time.monotonic() + 300
     try:
@@ -105,8 +127,9 @@ def test_a_killed_run_resumes_and_finishes_with_the_same_result(model_path, volu
     done_before = {p.name for p in markers.iterdir() if p.name[0].isdigit()}
     assert 5 <= len(done_before) < 72
     with pytest.raises(EmUnetError, match="other settings"):  # a different command does not mix in
-        predict_volume(model_path, f"{tmp_path}/raw.zarr", output, workers=1, progress=False,
-                       **{**SETTINGS, "margin": 16})
+        predict_volume(
+            model_path, f"{tmp_path}/raw.zarr", output, workers=1, progress=False, **{**SETTINGS, "margin": 16}
+        )
     predict_volume(model_path, f"{tmp_path}/raw.zarr", output, workers=2, progress=False, **SETTINGS)
     assert np.abs(open_volume(output)[...] - in_memory(model_path, big)).max() < 1e-5
     with pytest.raises(EmUnetError, match="already exists"):  # finished: like any existing output
@@ -138,8 +161,18 @@ def test_bad_volumes_and_outputs_are_refused_before_any_work(model_path, tmp_pat
         ([f"{tmp_path}/raw.zarr/em", "-o", f"{tmp_path}/o.zarr", "--binary"], "--binary is for TIFF outputs"),
         ([f"{tmp_path}/raw.tif", "-o", f"{tmp_path}/o.zarr"], "from a chunked input"),
         ([f"{tmp_path}/raw.zarr/em", "-o", f"{tmp_path}/o.tif", "--workers", "2"], "are for chunked outputs"),
-        ([f"{tmp_path}/raw.zarr/em", "-o", f"{tmp_path}/o.zarr", "--scheduler", "tcp://127.0.0.1:1",
-          "--workers", "2"], "--scheduler and --workers both given"),
+        (
+            [
+                f"{tmp_path}/raw.zarr/em",
+                "-o",
+                f"{tmp_path}/o.zarr",
+                "--scheduler",
+                "tcp://127.0.0.1:1",
+                "--workers",
+                "2",
+            ],
+            "--scheduler and --workers both given",
+        ),
     ]
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     done_before = open_volume(f"{tmp_path}/done.zarr")[...]
