@@ -71,19 +71,18 @@ class PreparedData:
 
 
 def prepare_data(config: TrainConfig) -> PreparedData:
-    """Read, split, check, and (for the border-weighted loss) attach weight maps as target channel 1."""
+    """Read, split, check, and (for the border-weighted loss) attach weight maps as target channel 1.
+
+    Chunked volumes (HDF5, Zarr, OME-Zarr) are not read into memory: the data holds lazy views of them
+    (:class:`~em_unet.data.LazyImages`, :class:`~em_unet.data.LazyTargets`) from which training crops and
+    validation tiles are read as they are needed; their intensity range and label values are checked in
+    one pass over the chunks first."""
+    from em_unet.volumes import is_volume_address
+
+    if is_volume_address(config.data) or is_volume_address(config.labels):
+        return _prepare_volumes(config)
     images, targets = load_labelled_stack(config.data, config.labels, config.label_convention)
-    train_slices, val_slices = split_slices(len(images), config.val_slices, config.val_fraction)
-    if config.slices is not None:
-        first, last = config.slices
-        if not last < len(images):
-            raise DataError(f"--slices {first}-{last}: outside the stack's slices 0-{len(images) - 1}")
-        train_slices = train_slices[(train_slices >= first) & (train_slices <= last)]
-        val_slices = val_slices[(val_slices >= first) & (val_slices <= last)]
-        if not (train_slices.size and val_slices.size):
-            raise DataError(
-                f"--slices {first}-{last} need both training and validation slices (validation: {config.val_slices})"
-            )
+    train_slices, val_slices = _split(config, len(images))
     check_patch_size(images.shape, config.patch_size)
     if config.loss == "weighted_bce":
         weights = np.stack([border_weight_map(t) for t in targets])
@@ -91,6 +90,57 @@ def prepare_data(config: TrainConfig) -> PreparedData:
     return PreparedData(
         images[train_slices], targets[train_slices], images[val_slices], targets[val_slices], train_slices, val_slices
     )
+
+
+def _prepare_volumes(config: TrainConfig) -> PreparedData:
+    import dask.array as da
+
+    from em_unet.blockwise import intensity_range
+    from em_unet.data import LazyImages, LazyTargets, label_convention_of
+    from em_unet.volumes import is_volume_address, open_volume
+
+    for flag, address in (("--data", config.data), ("--labels", config.labels)):
+        if not is_volume_address(address):
+            raise DataError(
+                f"{flag} {address}: give both the images and the labels as chunked volumes "
+                "(FILE.h5:/KEY, STORE.zarr/KEY, STORE.ome.zarr), or both as TIFF/PNG stacks"
+            )
+    images, labels = open_volume(config.data), open_volume(config.labels)
+    if labels.shape != images.shape:
+        raise DataError(
+            f"{labels.address}: label shape {labels.shape} differs from image shape {images.shape} of {images.address}"
+        )
+    low, high = intensity_range(images)
+    if not np.issubdtype(labels.dtype, np.integer) and labels.dtype != bool:
+        raise DataError(f"{labels.address}: labels must be integers (0/255 or 0/1), found {labels.dtype}")
+    values = da.unique(da.from_array(labels, chunks=labels.chunks, asarray=True)).compute()
+    convention = label_convention_of(values, config.label_convention, labels.address)
+    train_slices, val_slices = _split(config, images.shape[0])
+    check_patch_size(images.shape, config.patch_size)
+    weighted = config.loss == "weighted_bce"
+    return PreparedData(
+        LazyImages(images, train_slices, low, high),
+        LazyTargets(labels, train_slices, convention, weighted),
+        LazyImages(images, val_slices, low, high),
+        LazyTargets(labels, val_slices, convention, weighted),
+        train_slices,
+        val_slices,
+    )
+
+
+def _split(config: TrainConfig, n_slices: int) -> tuple[np.ndarray, np.ndarray]:
+    train_slices, val_slices = split_slices(n_slices, config.val_slices, config.val_fraction)
+    if config.slices is not None:
+        first, last = config.slices
+        if not last < n_slices:
+            raise DataError(f"--slices {first}-{last}: outside the stack's slices 0-{n_slices - 1}")
+        train_slices = train_slices[(train_slices >= first) & (train_slices <= last)]
+        val_slices = val_slices[(val_slices >= first) & (val_slices <= last)]
+        if not (train_slices.size and val_slices.size):
+            raise DataError(
+                f"--slices {first}-{last} need both training and validation slices (validation: {config.val_slices})"
+            )
+    return train_slices, val_slices
 
 
 def default_steps_per_epoch(train_shape, patch_size: int, batch_size: int) -> int:

@@ -33,6 +33,7 @@ import numpy as np
 
 from em_unet.config import PredictConfig, check_prediction_settings
 from em_unet.errors import DataError, EmUnetError
+from em_unet.predict import TILE_MULTIPLE
 
 DEFAULT_BLOCK_PX = 512  # block side (pixels) when the input's chunks do not suggest one
 MARKERS = ".em-unet"  # the folder of done markers and run.json
@@ -273,7 +274,10 @@ def predict_volume(
     OME-Zarr or HDF5); resumes an interrupted run of the same command. Returns the output address.
 
     ``block``: block side in pixels (default: the input's chunk side, else 512); ``key``: the input's
-    array inside its file or store. See the module docstring for the rest."""
+    array inside its file or store. With ``tile`` None each block is one tile (the block plus its margins and
+    overlap, rounded up to a multiple of 32 px): with ``overlap`` 0 no pixel is then predicted twice, while an
+    overlap makes each block also predict the neighbouring tiles whose blending reaches into it.
+    See the module docstring for the rest."""
     from tqdm import tqdm
 
     from em_unet.predict import resolve_model_path
@@ -291,6 +295,9 @@ def predict_volume(
             f"choose a multiple of {max(chunk_y, chunk_x)} px, so each block reads whole chunks"
         )
     side = block or (min(chunk_y, chunk_x) if min(chunk_y, chunk_x) >= 64 else DEFAULT_BLOCK_PX)
+    if tile is None:  # one tile per block: its output (without margins) is the block, so none is predicted twice
+        tile = -(-(side + 2 * margin + overlap) // TILE_MULTIPLE) * TILE_MULTIPLE
+        side = side if block else tile - 2 * margin - overlap
     block_shape = (chunk_z, min(side, height), min(side, width))
     blocks = plan_blocks(source.shape, block_shape)
     markers = marker_folder(output_address)

@@ -4,6 +4,7 @@ every failure reported as one line (``--debug`` shows the traceback)."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import re
 import sys
@@ -24,6 +25,7 @@ from em_unet.config import (  # noqa: E402
     SegmentOptions,
     StudyOptions,
     TrainConfig,
+    VolumeOptions,
     add_arguments,
     check_value,
     from_args,
@@ -175,10 +177,13 @@ def cmd_predict(args) -> int:
     from em_unet.volumes import is_volume_address, parse_address
 
     options = from_args(PredictConfig, args)
+    volume = from_args(VolumeOptions, args)
     params = _segment_params(args)
     if is_volume_address(options.output):
-        return _predict_volume(options, params)
-    if options.block or options.scheduler or options.workers:
+        if "overlap" not in given(args, PredictConfig):
+            options = dataclasses.replace(options, overlap=0)  # see --overlap's help
+        return _predict_volume(options, volume)
+    if options.block or volume.scheduler or volume.workers:
         raise EmUnetError(
             "--block, --scheduler and --workers are for chunked outputs (OUT.zarr, OUT.ome.zarr, "
             f"OUT.h5:/KEY); {options.output} is written in one piece"
@@ -189,7 +194,7 @@ def cmd_predict(args) -> int:
         check_segment_outputs(options.segment, options.overwrite)
     path = predict_file(
         options.model,
-        str(parse_address(options.stack, options.key)) if options.key else options.stack,
+        str(parse_address(options.stack, volume.key)) if volume.key else options.stack,
         options.output,
         tile=options.tile,
         margin=options.margin,
@@ -209,7 +214,7 @@ def cmd_predict(args) -> int:
     return 0
 
 
-def _predict_volume(options: PredictConfig, params) -> int:
+def _predict_volume(options: PredictConfig, volume: VolumeOptions) -> int:
     from em_unet.blockwise import predict_volume
     from em_unet.volumes import is_volume_address
 
@@ -226,7 +231,7 @@ def _predict_volume(options: PredictConfig, params) -> int:
         options.model,
         options.stack,
         options.output,
-        key=options.key,
+        key=volume.key,
         tile=options.tile,
         margin=options.margin,
         overlap=options.overlap,
@@ -234,8 +239,8 @@ def _predict_volume(options: PredictConfig, params) -> int:
         tta=options.tta,
         isbi=options.isbi,
         block=options.block,
-        scheduler=options.scheduler,
-        workers=options.workers,
+        scheduler=volume.scheduler,
+        workers=volume.workers,
         overwrite=options.overwrite,
     )
     print(f"wrote {address}")
@@ -244,11 +249,35 @@ def _predict_volume(options: PredictConfig, params) -> int:
 
 def cmd_segment(args) -> int:
     from em_unet.segment import segment_file
+    from em_unet.volumes import is_volume_address, parse_address
 
     options = from_args(SegmentOptions, args)
-    segments, sidecar = segment_file(
-        options.probability, options.output, _segment_params(args), overwrite=options.overwrite
-    )
+    volume = from_args(VolumeOptions, args)
+    if is_volume_address(options.output):
+        from em_unet.blockwise import segment_volume
+
+        if not is_volume_address(options.probability):
+            raise EmUnetError(
+                f"{options.probability}: a chunked output is segmented from a chunked input "
+                "(FILE.h5:/KEY, STORE.zarr/KEY, STORE.ome.zarr); write a TIFF output for a TIFF input"
+            )
+        address = segment_volume(
+            options.probability,
+            options.output,
+            _segment_params(args),
+            key=volume.key,
+            scheduler=volume.scheduler,
+            workers=volume.workers,
+            overwrite=options.overwrite,
+        )
+        print(f"wrote {address}")
+        return 0
+    if volume.scheduler or volume.workers:
+        raise EmUnetError(
+            f"--scheduler and --workers are for chunked outputs; {options.output} is written in one piece"
+        )
+    probability = str(parse_address(options.probability, volume.key)) if volume.key else options.probability
+    segments, sidecar = segment_file(probability, options.output, _segment_params(args), overwrite=options.overwrite)
     print(f"wrote {segments} (parameters: {sidecar})")
     return 0
 
@@ -388,9 +417,12 @@ def build_parser() -> argparse.ArgumentParser:
     command(
         "predict",
         cmd_predict,
-        "membrane probabilities of a stack (any slice size) as a float32 TIFF",
-        "Predict a stack with overlap-tile prediction and write a TIFF stack that opens in Fiji.",
+        "membrane probabilities of a stack (any slice size) as a float32 TIFF, or of a chunked volume",
+        "Predict a stack with overlap-tile prediction and write a TIFF stack that opens in Fiji; or a chunked "
+        "volume (HDF5, Zarr, OME-Zarr) block by block on a Dask cluster into a chunked OME-Zarr or HDF5 output "
+        "that opens in napari, resuming an interrupted run of the same command.",
         (PredictConfig, {}),
+        (VolumeOptions, {}),
         (SegmentParams, {}),
     )
     command(
@@ -401,6 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
         "2-D per slice, labels unique across the stack, written as a uint16 (or uint32) TIFF that opens in "
         "Fiji, with the parameters used in a JSON file beside it.",
         (SegmentOptions, {}),
+        (VolumeOptions, {}),
         (SegmentParams, {}),
     )
     command(

@@ -57,7 +57,7 @@ GROUPS = {
     "prediction": "prediction",
     "segmentation": "segmentation (seeded watershed + agglomeration; defaults measured on ISBI 2012 slices 15-19)",
     "search": "search",
-    "volumes": "large volumes (HDF5, Zarr, OME-Zarr inputs or outputs: predicted block by block on Dask)",
+    "volumes": "large volumes (HDF5, Zarr, OME-Zarr inputs or outputs: worked on block by block on a Dask cluster)",
     "distributed": "distributed tuning (KerasTuner chief and workers; default: the KERASTUNER_* variables, "
     "else one process)",
     "study": "study",
@@ -596,6 +596,8 @@ class PredictConfig(Settings):
     overlap: int = setting(
         16,
         "pixels over which neighbouring tiles are blended",
+        default_text="16; 0 for chunked outputs, where each block is one tile and an overlap would make each "
+        "block predict its neighbours' tiles too",
         group="prediction",
         minimum=0,
         maximum=4096,
@@ -615,12 +617,6 @@ class PredictConfig(Settings):
         group="prediction",
     )
     overwrite: bool = setting(False, "replace existing output files")
-    key: str | None = setting(
-        None,
-        "the input's array inside an HDF5 file or Zarr store (instead of FILE.h5:/KEY or STORE.zarr/KEY)",
-        group="volumes",
-        metavar="KEY",
-    )
     block: int | None = setting(
         None,
         "block side, pixels, of blockwise prediction",
@@ -630,9 +626,26 @@ class PredictConfig(Settings):
         metavar="PX",
         default_text="the input's chunk side, else 512",
     )
+
+    def check(self) -> None:
+        check_tiling(self.tile, self.margin, self.overlap)
+        if self.segment and (self.binary or self.isbi):
+            raise ConfigError("--segment needs the membrane probability: leave out --binary and --isbi")
+
+
+@dataclass
+class VolumeOptions(Settings):
+    """Where chunked volumes are worked on (``predict`` and ``segment`` with HDF5 / Zarr / OME-Zarr data)."""
+
+    key: str | None = setting(
+        None,
+        "the input's array inside an HDF5 file or Zarr store (instead of FILE.h5:/KEY or STORE.zarr/KEY)",
+        group="volumes",
+        metavar="KEY",
+    )
     scheduler: str | None = setting(
         None,
-        "address of a running Dask scheduler to predict on (e.g. tcp://10.0.0.5:8786; a SLURM or Kubernetes cluster)",
+        "address of a running Dask scheduler to work on (e.g. tcp://10.0.0.5:8786; a SLURM or Kubernetes cluster)",
         group="volumes",
         metavar="ADDRESS",
         default_text="a LocalCluster on this machine",
@@ -648,13 +661,10 @@ class PredictConfig(Settings):
     )
 
     def check(self) -> None:
-        check_tiling(self.tile, self.margin, self.overlap)
         if self.scheduler and self.workers:
             raise ConfigError(
                 "--scheduler and --workers both given: --workers sizes the LocalCluster that --scheduler replaces"
             )
-        if self.segment and (self.binary or self.isbi):
-            raise ConfigError("--segment needs the membrane probability: leave out --binary and --isbi")
 
 
 def check_tiling(tile: int | None, margin: int, overlap: int) -> None:
@@ -795,6 +805,8 @@ def add_arguments(
             if meta.get("choices"):
                 kwargs.pop("metavar")
         if meta.get("positional"):
+            if not meta.get("metavar"):
+                kwargs.pop("metavar", None)
             parser.add_argument(f.name, **kwargs)
             continue
         kwargs["dest"] = f.name

@@ -345,10 +345,20 @@ def membrane_target(labels: np.ndarray, convention: str = "auto", source: str = 
     Refused with a one-line :class:`DataError` naming ``source``: values outside the convention,
     NaN or infinite values, and labels with no membrane pixel or no cell interior pixel at all.
     """
+    check_finite(labels, source, "labels are 0 = membrane, 255 = interior (ISBI) or a 0/1 membrane mask")
+    convention = label_convention_of(np.unique(labels), convention, source)
+    return (labels == MEMBRANE_VALUE[convention]).astype(np.float32)
+
+
+MEMBRANE_VALUE = {"isbi": 0, "mask": 1}
+
+
+def label_convention_of(values: np.ndarray, convention: str = "auto", source: str = "labels") -> str:
+    """The convention (``"isbi"`` or ``"mask"``) of labels whose distinct values are ``values``, checked as
+    :func:`membrane_target` describes (a whole volume's values can come from a pass over its chunks)."""
     if convention not in LABEL_CONVENTIONS:
         raise ValueError(f"label convention must be one of {LABEL_CONVENTIONS}, got {convention!r}")
-    check_finite(labels, source, "labels are 0 = membrane, 255 = interior (ISBI) or a 0/1 membrane mask")
-    values = np.unique(labels)
+    values = np.unique(values)
     shown = ", ".join(str(v) for v in values[:10]) + (", ..." if len(values) > 10 else "")
     allowed = {"isbi": {0, 255}, "mask": {0, 1}}
     found = set(values.tolist())
@@ -381,7 +391,70 @@ def membrane_target(labels: np.ndarray, convention: str = "auto", source: str = 
             f"{source}: every pixel is membrane ({membrane} in {named}): no cell interior pixel "
             f"({interior}) in any slice; labels need membrane and cell interior pixels"
         )
-    return (labels == membrane).astype(np.float32)
+    return convention
+
+
+# ---------------------------------------------------------------- volumes read lazily for training
+
+
+class LazyImages:
+    """The float32 [0, 1] intensities of some slices of a chunked volume, read on demand: ``view[i, y0:y1,
+    x0:x1]`` reads only that region of slice ``slices[i]``, scaled by the volume's (low, high) range."""
+
+    def __init__(self, volume, slices: np.ndarray, low: float, high: float):
+        self.volume, self.slices, self.low, self.high = volume, np.asarray(slices), low, high
+        self.shape = (len(self.slices), *volume.shape[1:])
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index):
+        z, *rest = index if isinstance(index, tuple) else (index,)
+        values = self.volume[(int(self.slices[z]), *rest)].astype(np.float32)
+        if (self.low, self.high) == (0.0, 1.0):
+            return values
+        return (values - self.low) / (self.high - self.low) if self.high > self.low else np.zeros_like(values)
+
+
+class LazyTargets:
+    """Training targets (1 = membrane; with ``weighted`` the border weight map as channel 1, computed per
+    region) of some slices of a chunked label volume, read on demand like :class:`LazyImages`."""
+
+    def __init__(self, volume, slices: np.ndarray, convention: str, weighted: bool = False):
+        self.volume, self.slices, self.membrane, self.weighted = volume, np.asarray(slices), None, weighted
+        self.membrane = MEMBRANE_VALUE[convention]
+        self.shape = (len(self.slices), *volume.shape[1:]) + ((2,) if weighted else ())
+        self.ndim = len(self.shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index):
+        z, *rest = index if isinstance(index, tuple) else (index,)
+        target = (self.volume[(int(self.slices[z]), *rest)] == self.membrane).astype(np.float32)
+        if not self.weighted:
+            return target
+        from em_unet.losses import border_weight_map
+
+        return np.stack([target, border_weight_map(target)], axis=-1)
+
+
+def _read_crops(images, targets, patch_size: int):
+    """A tf.data map function reading ``(z, row, col)`` crops from lazy views (on the host)."""
+    channels = targets.shape[3] if len(targets.shape) == 4 else 1
+
+    def read(z, row, col):
+        index = (int(z), slice(int(row), int(row) + patch_size), slice(int(col), int(col) + patch_size))
+        target = targets[index]
+        return images[index][..., None], (target[..., None] if target.ndim == 2 else target)
+
+    def crop(z, row, col):
+        image, target = tf.numpy_function(read, [z, row, col], (tf.float32, tf.float32), stateful=False)
+        return tf.ensure_shape(image, (patch_size, patch_size, 1)), tf.ensure_shape(
+            target, (patch_size, patch_size, channels)
+        )
+
+    return crop
 
 
 def load_image_stack(path: str | Path) -> np.ndarray:
@@ -479,19 +552,28 @@ def training_dataset(
         and ``(batch, patch, patch, c)``.
     """
     check_patch_size(images.shape, patch_size)
-    image_stack = tf.constant(_as_channels_last(images), tf.float32)
-    target_stack = tf.constant(_as_channels_last(targets), tf.float32)
     n_slices, height, width = images.shape[:3]
     crop_seed, augment_seed = seed, seed + 1
 
-    def crop(index):
+    def origin(index):
         draw = tf.random.stateless_uniform([3], [crop_seed, index], 0, 2**30, dtype=tf.int64, alg=RNG)
-        z = draw[0] % n_slices
-        row = draw[1] % (height - patch_size + 1)
-        col = draw[2] % (width - patch_size + 1)
-        image = image_stack[z, row : row + patch_size, col : col + patch_size]
-        target = target_stack[z, row : row + patch_size, col : col + patch_size]
-        return image, target
+        return draw[0] % n_slices, draw[1] % (height - patch_size + 1), draw[2] % (width - patch_size + 1)
+
+    if isinstance(images, np.ndarray):
+        image_stack = tf.constant(_as_channels_last(images), tf.float32)
+        target_stack = tf.constant(_as_channels_last(targets), tf.float32)
+
+        def crop(index):
+            z, row, col = origin(index)
+            image = image_stack[z, row : row + patch_size, col : col + patch_size]
+            target = target_stack[z, row : row + patch_size, col : col + patch_size]
+            return image, target
+
+    else:  # a volume larger than memory: the same crops, read from the chunked store
+        read = _read_crops(images, targets, patch_size)
+
+        def crop(index):
+            return read(*origin(index))
 
     dataset = tf.data.Dataset.counter().map(crop, num_parallel_calls=tf.data.AUTOTUNE)
     dataset = dataset.batch(batch_size, drop_remainder=True)
@@ -517,11 +599,15 @@ def validation_dataset(
     """Fixed, unaugmented crops that cover every validation slice (the last crop in a row or column is flush
     with the edge)."""
     check_patch_size(images.shape, patch_size)
-    images = _as_channels_last(images)
-    targets = _as_channels_last(targets)
     rows = tile_origins(images.shape[1], patch_size)
     cols = tile_origins(images.shape[2], patch_size)
     crops = [(z, r, c) for z in range(images.shape[0]) for r in rows for c in cols]
+    if not isinstance(images, np.ndarray):  # read from the chunked store each epoch, never all in memory
+        origins = tf.data.Dataset.from_tensor_slices(np.array(crops, np.int64))
+        dataset = origins.map(lambda o: _read_crops(images, targets, patch_size)(o[0], o[1], o[2]))
+        return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    images = _as_channels_last(images)
+    targets = _as_channels_last(targets)
     image_crops = np.stack([images[z, r : r + patch_size, c : c + patch_size] for z, r, c in crops])
     target_crops = np.stack([targets[z, r : r + patch_size, c : c + patch_size] for z, r, c in crops])
     return tf.data.Dataset.from_tensor_slices((image_crops, target_crops)).batch(batch_size).prefetch(tf.data.AUTOTUNE)

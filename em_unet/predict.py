@@ -163,9 +163,11 @@ def _load(path: Path):
 
 
 def _ramp(side: int, margin: int, overlap: int) -> np.ndarray:
-    """1e-6 in the outer ``margin`` px, a linear ramp over ``overlap`` px, 1 inside."""
+    """0 in the outer ``margin`` px (context only), a linear ramp over ``overlap`` px, 1 inside. Every pixel
+    of a slice lies inside some tile's margins, so no weight sum is 0; and a tile whose margins alone reach
+    into a block is not needed there."""
     from_edge = np.minimum(np.arange(side), np.arange(side)[::-1]).astype(np.float32)
-    return np.clip((from_edge - margin + 1) / (overlap + 1), 1e-6, 1.0)
+    return np.clip((from_edge - margin + 1) / (overlap + 1), 0.0, 1.0)
 
 
 AUTO_TILE_MAX = 1024  # px: the largest tile side "auto" picks; larger slices are tiled
@@ -227,19 +229,13 @@ class TileGrid:
         return np.pad(np.arange(size), (self.margin, self.padded_shape[axis] - size - self.margin), self.pad_mode)
 
     def origins(self, region: tuple[int, int, int, int] | None = None) -> list[tuple[int, int]]:
-        """Padded (row, column) origins of the tiles, row by row; with ``region`` (y0, y1, x0, x1 of the
-        slice, pixels) only those whose window reaches into it."""
+        """Padded (row, column) origins of the tiles whose output (the tile without its margins) reaches into
+        ``region`` (y0, y1, x0, x1 of the slice, pixels; default the whole slice), row by row."""
         y0, y1, x0, x1 = region or (0, self.height, 0, self.width)
-        m = self.margin
+        core_h, core_w = self.tile_h - 2 * self.margin, self.tile_w - 2 * self.margin
         rows = [r * self.stride_h for r in range(self.rows)]
         cols = [c * self.stride_w for c in range(self.cols)]
-        return [
-            (r, c)
-            for r in rows
-            if r < y1 + m and r + self.tile_h > y0 + m
-            for c in cols
-            if c < x1 + m and c + self.tile_w > x0 + m
-        ]
+        return [(r, c) for r in rows if r < y1 and r + core_h > y0 for c in cols if c < x1 and c + core_w > x0]
 
 
 def tile_grid(height: int, width: int, tile: int | None, margin: int, overlap: int) -> TileGrid:
@@ -294,7 +290,8 @@ def predict_region(
             total[r : r + grid.tile_h, c : c + grid.tile_w] += probability * window
             weight[r : r + grid.tile_h, c : c + grid.tile_w] += window
     m = grid.margin
-    return (total / weight)[y0 + m - top : y1 + m - top, x0 + m - left : x1 + m - left]
+    inside = (slice(y0 + m - top, y1 + m - top), slice(x0 + m - left, x1 + m - left))
+    return total[inside] / weight[inside]
 
 
 def predict_slice(

@@ -41,7 +41,10 @@ def new_run_dir(logs_dir: str | Path, run_name: str | None, prefix: str = "train
 
 def validation_scores(model: keras.Model, images: np.ndarray, targets: np.ndarray) -> dict:
     """ISBI scores of ``model`` on whole validation slices, predicted as ``em-unet predict`` does by default."""
-    probabilities = np.stack(list(predict_stack(keras_predictor(model), images)))
+    slices = images if isinstance(images, np.ndarray) else (images[i] for i in range(len(images)))
+    probabilities = np.stack(list(predict_stack(keras_predictor(model), slices)))
+    if not isinstance(targets, np.ndarray):  # lazy views of a volume: the validation slices one by one
+        targets = np.stack([targets[i] for i in range(len(targets))])
     membrane = targets[..., 0] if targets.ndim == 4 else targets
     scores = evaluate_stack(probabilities, membrane)
     scores.pop("per_threshold")

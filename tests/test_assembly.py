@@ -6,6 +6,7 @@ import tensorflow as tf
 from em_unet.assembly import StepAugmentedModel
 from em_unet.augment import AugmentConfig
 from em_unet.config import TrainConfig
+from em_unet.errors import EmUnetError
 from em_unet.model import build_unet
 from tests.test_augment import PY_OPS
 
@@ -118,3 +119,32 @@ def test_a_failed_checkpoint_keeps_the_previous_best(tmp_path, monkeypatch):
         checkpoint.on_epoch_end(1, {"val_loss": 0.4})
     assert (tmp_path / "best.keras").read_bytes() == saved
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.keras"]
+
+
+def test_a_chunked_volume_trains_on_the_same_crops_read_lazily(isbi_dir, tmp_path):
+    """Zarr / HDF5 training data are never read whole: crops and validation tiles come from the store,
+    and they equal the crops of the same data as a TIFF."""
+    import tifffile
+
+    from em_unet.assembly import make_datasets, prepare_data
+    from em_unet.config import TrainConfig
+    from em_unet.data import LazyImages
+    from em_unet.volumes import create_volume
+
+    images = tifffile.imread(isbi_dir / "train-volume.tif")[:4, :128, :96]
+    labels = tifffile.imread(isbi_dir / "train-labels.tif")[:4, :128, :96]
+    tifffile.imwrite(tmp_path / "img.tif", images, photometric="minisblack")
+    tifffile.imwrite(tmp_path / "lab.tif", labels, photometric="minisblack")
+    for address, array in ((f"{tmp_path}/v.zarr/raw", images), (f"{tmp_path}/l.h5:/labels", labels)):
+        with create_volume(address, array.shape, array.dtype, (1, 32, 32)) as volume:
+            volume[...] = array
+    common = {"val_slices": (3, 3), "patch_size": 64, "batch_size": 2}
+    tiff = TrainConfig(data=str(tmp_path / "img.tif"), labels=str(tmp_path / "lab.tif"), **common)
+    chunked = TrainConfig(data=f"{tmp_path}/v.zarr/raw", labels=f"{tmp_path}/l.h5:/labels", **common)
+    in_memory, lazy = prepare_data(tiff), prepare_data(chunked)
+    assert isinstance(lazy.train_images, LazyImages) and lazy.train_images.shape == (3, 128, 96)
+    for expected, got in zip(make_datasets(tiff, in_memory, "pipeline"), make_datasets(chunked, lazy, "pipeline")):
+        for (x0, y0), (x1, y1) in zip(expected.take(4), got.take(4)):
+            assert np.array_equal(x0.numpy(), x1.numpy()) and np.array_equal(y0.numpy(), y1.numpy())
+    with pytest.raises(EmUnetError, match="give both the images and the labels as chunked volumes"):
+        prepare_data(TrainConfig(data=f"{tmp_path}/v.zarr/raw", labels=str(tmp_path / "lab.tif"), **common))

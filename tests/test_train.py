@@ -118,3 +118,32 @@ def test_a_diverged_run_says_so_instead_of_a_missing_file(stack, capsys, monkeyp
     err = capsys.readouterr().err
     assert "val_loss was never finite" in err and "lower --lr" in err
     assert (stack / "logs" / "nan" / "config.json").exists() and not (stack / "models").exists()
+
+
+@pytest.mark.slow
+def test_train_on_a_zarr_volume(stack, capsys):
+    """The same command on chunked data: images and labels as Zarr arrays of one store."""
+    from em_unet.volumes import create_volume
+
+    for key, name in (("raw", "img.tif"), ("labels", "lab.tif")):
+        array = tifffile.imread(stack / name)
+        with create_volume(f"{stack}/em.zarr/{key}", array.shape, array.dtype, (1, 32, 32)) as volume:
+            volume[...] = array
+    argv = [
+        "train",
+        *TINY,
+        "--data",
+        f"{stack}/em.zarr/raw",
+        "--labels",
+        f"{stack}/em.zarr/labels",
+        "--val-slices",
+        "2-2",
+        "--logs-dir",
+        stack / "logs",
+        "--models-dir",
+        stack / "models",
+        "--run-name",
+        "z",
+    ]
+    assert cli.main([str(a) for a in argv]) == 0, capsys.readouterr().err
+    assert (stack / "logs" / "z" / "scores.json").exists() and (stack / "models" / "em_unet" / "1").is_dir()
