@@ -37,7 +37,8 @@ setup(
     extras_require={
         "cpu": ["tensorflow-cpu>=2.16"],
         "gpu": ["tensorflow[and-cuda]>=2.16"],
-        "dev": ["pytest", "ruff"],
+        # ruff pinned to a minor version: its format style changes between them.
+        "dev": ["pytest", "ruff>=0.17.5,<0.18"],
     },
     entry_points={"console_scripts": ["em-unet = em_unet.cli:main"]},
 )

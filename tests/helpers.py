@@ -38,3 +38,20 @@ def small_isbi(isbi_dir, folder, slices=3, size=64):
         tifffile.imread(isbi_dir / "train-labels.tif")[:slices, :size, :size],
         photometric="minisblack",
     )
+
+
+def tiny_flags(folder, steps=1, **flags):
+    """Training flags of a tiny, fast run on ``small_isbi``'s files in ``folder`` (flags override them)."""
+    values = {
+        "--data": folder / "img.tif",
+        "--labels": folder / "lab.tif",
+        "--val-slices": "2-2",
+        "--depth": 2,
+        "--base-filters": 4,
+        "--patch-size": 32,
+        "--batch-size": 2,
+        "--steps-per-epoch": steps,
+        "--precision": "float32",
+        **{f"--{k.replace('_', '-')}": v for k, v in flags.items()},
+    }
+    return [str(x) for pair in values.items() for x in pair]

@@ -59,20 +59,24 @@ def test_blockwise_equals_in_memory_prediction_on_two_workers(model_path, volume
     assert got.shape == volume.shape and got.chunks == (1, 64, 64) and got.dtype == np.float32
     assert np.abs(got[...] - expected).max() < 1e-5
     assert not marker_folder(out).exists()  # complete: no markers left
-    # HDF5 in, HDF5 out (written by the client), a float input rescaled by its range, the ISBI convention
+    # HDF5 in, HDF5 out (written by the client), a float input rescaled by its range, the ISBI convention,
+    # on a cluster that was already running (--scheduler)
+    from distributed import LocalCluster
+
     float_volume = volume.astype(np.float32) * 3.0 + 7.0
     write(f"{tmp_path}/raw.h5:/em/raw", float_volume, (1, 64, 64))
-    out = predict_volume(
-        model_path,
-        f"{tmp_path}/raw.h5",
-        f"{tmp_path}/p.h5:/probability",
-        key="/em/raw",
-        isbi=True,
-        workers=2,
-        block=128,
-        progress=False,
-        **SETTINGS,
-    )
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        out = predict_volume(
+            model_path,
+            f"{tmp_path}/raw.h5",
+            f"{tmp_path}/p.h5:/probability",
+            key="/em/raw",
+            isbi=True,
+            scheduler=cluster.scheduler_address,
+            block=128,
+            progress=False,
+            **SETTINGS,
+        )
     assert np.abs(open_volume(out)[...] - in_memory(model_path, float_volume, isbi=True)).max() < 1e-5
 
 

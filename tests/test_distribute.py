@@ -14,7 +14,7 @@ import pytest
 
 from em_unet.distribute import is_chief, make_strategy, resolve_strategy, set_tuner_role
 from em_unet.errors import EmUnetError
-from tests.helpers import error_line, run_cli, small_isbi
+from tests.helpers import error_line, run_cli, small_isbi, tiny_flags
 
 
 def free_ports(n):
@@ -114,36 +114,8 @@ def test_mirrored_over_two_logical_cpus_matches_one_device(isbi_dir, tmp_path):
 
 
 def train_args(folder, *extra):
-    return [
-        "train",
-        "--data",
-        folder / "img.tif",
-        "--labels",
-        folder / "lab.tif",
-        "--val-slices",
-        "2-2",
-        "--depth",
-        "2",
-        "--base-filters",
-        "4",
-        "--patch-size",
-        "32",
-        "--batch-size",
-        "4",
-        "--epochs",
-        "1",
-        "--steps-per-epoch",
-        "2",
-        "--precision",
-        "float32",
-        "--logs-dir",
-        folder / "logs",
-        "--models-dir",
-        folder / "models",
-        "--run-name",
-        "mw",
-        *extra,
-    ]
+    where = ["--logs-dir", folder / "logs", "--models-dir", folder / "models", "--run-name", "mw"]
+    return ["train", *tiny_flags(folder, steps=2, batch_size=4, epochs=1), *where, *extra]
 
 
 @pytest.mark.slow
@@ -192,26 +164,7 @@ def distributed_search(folder, port, timeout_s):
     (folder / "grid.toml").write_text(GRID)
     common = [
         "tune",
-        "--data",
-        folder / "img.tif",
-        "--labels",
-        folder / "lab.tif",
-        "--val-slices",
-        "2-2",
-        "--depth",
-        "2",
-        "--base-filters",
-        "4",
-        "--patch-size",
-        "32",
-        "--batch-size",
-        "2",
-        "--steps-per-epoch",
-        "3",
-        "--epochs",
-        "2",
-        "--precision",
-        "float32",
+        *tiny_flags(folder, steps=3, epochs=2),
         "--search-space",
         folder / "grid.toml",
         "--project",

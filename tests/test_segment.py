@@ -127,8 +127,10 @@ def test_segment_command_refuses_bad_input_and_writes_nothing(tmp_path, capsys):
         line = error_of(capsys, ["segment", tmp_path / args[0], "-o", tmp_path / "seg.tif", *args[1:]])
         assert message in line, line
         assert not (tmp_path / "seg.tif").exists() and not (tmp_path / "seg.json").exists()
-    line = error_of(capsys, ["segment", tmp_path / "good.tif", "-o", tmp_path / "seg.zarr"])
+    line = error_of(capsys, ["segment", tmp_path / "good.tif", "-o", tmp_path / "seg.png"])
     assert "name the output .tif or .tiff" in line
+    line = error_of(capsys, ["segment", tmp_path / "good.tif", "-o", tmp_path / "seg.zarr"])
+    assert "a chunked output is segmented from a chunked input" in line
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*cases, "good.tif"])
 
 

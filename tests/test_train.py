@@ -21,22 +21,8 @@ def stack(tmp_path):
     return tmp_path
 
 
-TINY = [
-    "--depth",
-    "2",
-    "--base-filters",
-    "4",
-    "--patch-size",
-    "32",
-    "--batch-size",
-    "2",
-    "--steps-per-epoch",
-    "1",
-    "--epochs",
-    "1",
-    "--precision",
-    "float32",
-]
+TINY = "--depth 2 --base-filters 4 --patch-size 32 --batch-size 2 --steps-per-epoch 1 --epochs 1".split()
+TINY += ["--precision", "float32"]
 
 
 def refusals(folder):

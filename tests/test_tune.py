@@ -12,7 +12,7 @@ import tifffile
 
 from em_unet.errors import EmUnetError
 from em_unet.tune import load_search_space
-from tests.helpers import error_line, run_cli, small_isbi
+from tests.helpers import error_line, run_cli, small_isbi, tiny_flags
 
 if sys.version_info >= (3, 11):
     pass
@@ -74,31 +74,9 @@ def test_search_settings_defaults_then_toml_then_flags(tmp_path):
 
 
 def tune_args(folder, space, project="tiny", patch="32", steps="2"):
-    return [
-        "tune",
-        "--data",
-        folder / "img.tif",
-        "--labels",
-        folder / "lab.tif",
-        "--val-slices",
-        "2-2",
-        "--depth",
-        "2",
-        "--base-filters",
-        "4",
-        "--patch-size",
-        patch,
-        "--steps-per-epoch",
-        steps,
-        "--search-space",
-        space,
-        "--project",
-        project,
-        "--logs-dir",
-        folder / "logs",
-        "--models-dir",
-        folder / "models",
-    ]
+    flags = tiny_flags(folder, steps=steps, patch_size=patch, batch_size=4, precision="auto")
+    where = ["--search-space", space, "--project", project, "--logs-dir", folder / "logs", "--models-dir"]
+    return ["tune", *flags, *where, folder / "models"]
 
 
 def read_results(run):
@@ -218,39 +196,8 @@ def test_tune_killed_mid_trial_resumes(isbi_dir, tmp_path):
 def tiny_tune(folder, project, *extra):
     from em_unet import cli
 
-    return cli.main(
-        [
-            str(a)
-            for a in [
-                "tune",
-                "--data",
-                folder / "img.tif",
-                "--labels",
-                folder / "lab.tif",
-                "--val-slices",
-                "2-2",
-                "--depth",
-                "2",
-                "--base-filters",
-                "4",
-                "--patch-size",
-                "32",
-                "--batch-size",
-                "2",
-                "--steps-per-epoch",
-                "1",
-                "--precision",
-                "float32",
-                "--project",
-                project,
-                "--logs-dir",
-                folder / "logs",
-                "--models-dir",
-                folder / "models",
-                *extra,
-            ]
-        ]
-    )
+    where = ["--project", project, "--logs-dir", folder / "logs", "--models-dir", folder / "models"]
+    return cli.main(["tune", *tiny_flags(folder), *map(str, where), *map(str, extra)])
 
 
 def trial_values(folder, project):
