@@ -381,7 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def command(name, func, help, description, *settings):
         sub = commands.add_parser(name, help=help, description=description, parents=[common])
-        sub.set_defaults(uses_tensorflow=name in ("augment-preview", "train", "tune", "predict", "study"))
+        sub.set_defaults(uses_tensorflow=name != "plot")  # the others read stacks through em_unet.data
         for cls, options in settings:
             add_arguments(sub, cls, **options)
         sub.set_defaults(func=func)

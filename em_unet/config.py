@@ -184,7 +184,9 @@ def _rule(f: dataclasses.Field, base) -> str:
         return "true or false"
     if typing.get_origin(base) is tuple:
         return "a slice range FIRST-LAST of slice indices with 0 <= FIRST <= LAST, e.g. 15-19"
-    kind = {int: "an integer", float: "a finite number", str: "a non-empty text", Path: "a path"}.get(base, str(base))
+    paths = {"STACK": "a path or volume address", "DIR": "a folder path", "TOML": "a path", "NAME": "a folder name"}
+    text = paths.get(meta.get("metavar"), "a non-empty text")
+    kind = {int: "an integer", float: "a finite number", str: text, Path: "a path"}.get(base, str(base))
     bounds = []
     if meta.get("minimum") is not None:
         bounds.append(f">= {meta['minimum']:g}")
@@ -304,12 +306,13 @@ class TrainConfig(Settings):
     """
 
     data: str = setting(
-        help="EM image stack: multi-page TIFF, 2-D TIFF, or folder of per-slice TIFF/PNG files",
+        help="EM image stack: multi-page TIFF, 2-D TIFF, folder of per-slice TIFF/PNG files, or a chunked volume "
+        "(FILE.h5:/KEY, STORE.zarr/KEY, STORE.ome.zarr)",
         group="data",
         metavar="STACK",
     )
     labels: str = setting(
-        help="label stack of the same shape (ISBI 0 = membrane / 255 = interior, or a 0/1 membrane mask)",
+        help="label stack of the same shape and kind (ISBI 0 = membrane / 255 = interior, or a 0/1 membrane mask)",
         group="data",
         metavar="STACK",
     )
