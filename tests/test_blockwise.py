@@ -61,7 +61,7 @@ def test_blockwise_equals_in_memory_prediction_on_two_workers(model_path, volume
     assert not marker_folder(out).exists()  # complete: no markers left
     # HDF5 in, HDF5 out (written by the client), a float input rescaled by its range, the ISBI convention,
     # on a cluster that was already running (--scheduler)
-    from distributed import LocalCluster
+    from distributed import Client, LocalCluster
 
     float_volume = volume.astype(np.float32) * 3.0 + 7.0
     write(f"{tmp_path}/raw.h5:/em/raw", float_volume, (1, 64, 64))
@@ -77,6 +77,9 @@ def test_blockwise_equals_in_memory_prediction_on_two_workers(model_path, volume
             progress=False,
             **SETTINGS,
         )
+        with Client(cluster) as client:  # each worker that predicted loaded the model once
+            loaded = client.run(lambda: len(__import__("em_unet.blockwise").blockwise._PREDICTORS))
+        assert sorted(loaded.values()) in ([1, 1], [0, 1])
     assert np.abs(open_volume(out)[...] - in_memory(model_path, float_volume, isbi=True)).max() < 1e-5
 
 
