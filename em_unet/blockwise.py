@@ -37,6 +37,7 @@ from em_unet.predict import TILE_MULTIPLE
 
 DEFAULT_BLOCK_PX = 512  # block side (pixels) when the input's chunks do not suggest one
 MARKERS = ".em-unet"  # the folder of done markers and run.json
+SCHEDULER_TIMEOUT_S = 30.0  # how long to wait for a --scheduler to answer
 
 
 # ---------------------------------------------------------------- blocks and markers
@@ -95,6 +96,24 @@ def done_blocks(folder: Path, blocks: list[Block]) -> set[str]:
         return set()
     present = {p.name for p in folder.iterdir()}
     return {b.name for b in blocks if b.name in present}
+
+
+@contextlib.contextmanager
+def _removed_if_nothing_done(output_address: str, markers: Path) -> Iterator[None]:
+    """If the block fails before any block (or slice) is done, remove the output and markers this run
+    created, so a refused or failed start leaves nothing behind; once work is done it stays, to resume."""
+    from em_unet.volumes import parse_address
+
+    path = parse_address(output_address).path
+    existed = path.exists()
+    try:
+        yield
+    except BaseException:
+        done = markers.is_dir() and any(p.name[0].isdigit() or p.name.startswith("local-") for p in markers.iterdir())
+        if not existed and not done:
+            shutil.rmtree(markers, ignore_errors=True)
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        raise
 
 
 # ---------------------------------------------------------------- intensities, chunk by chunk
@@ -220,7 +239,7 @@ def dask_client(scheduler: str | None = None, workers: int | None = None) -> Ite
 
     if scheduler:
         try:
-            client = Client(scheduler, timeout=30)
+            client = Client(scheduler, timeout=SCHEDULER_TIMEOUT_S)
         except (OSError, TimeoutError) as err:
             raise EmUnetError(f"--scheduler {scheduler}: no Dask scheduler answers there ({err})") from None
         try:
@@ -312,8 +331,9 @@ def predict_volume(
         "tta": tta,
         "isbi": isbi,
     }
-    output = _prepare_output(output_address, source.shape, block_shape, markers, record, overwrite)
-    with dask_client(scheduler, workers) as client:
+    _check_output(output_address, markers, record, overwrite)  # refusals before a cluster starts
+    with _removed_if_nothing_done(output_address, markers), dask_client(scheduler, workers) as client:
+        output = _prepare_output(output_address, source.shape, block_shape, markers, record, overwrite)
         low, high = intensity_range(source, client)
         job = PredictJob(model, tile, margin, overlap, tile_batch, tta, isbi, low, high, _threads_per_worker(client))
         done = done_blocks(markers, blocks)
@@ -349,12 +369,14 @@ def predict_volume(
     return output_address
 
 
-def _prepare_output(address: str, shape, block_shape, markers: Path, record: dict, overwrite: bool):
-    """The output volume, new or (with a matching record) the one an interrupted run left; refuses to mix."""
-    from em_unet.volumes import create_volume, open_volume
+def _check_output(address: str, markers: Path, record: dict, overwrite: bool) -> None:
+    """Refuse, before any work: a run with other settings to resume, or an existing store without --overwrite."""
+    from em_unet.volumes import parse_address
 
     recorded = markers / "run.json"
-    if recorded.is_file() and not overwrite:
+    if overwrite:
+        return
+    if recorded.is_file():
         earlier = json.loads(recorded.read_text())
         if earlier != json.loads(json.dumps(record)):
             changed = [k for k in record if earlier.get(k) != json.loads(json.dumps(record[k]))]
@@ -362,6 +384,17 @@ def _prepare_output(address: str, shape, block_shape, markers: Path, record: dic
                 f"{address} holds blocks of a run with other settings ({', '.join(changed)}): "
                 "pass --overwrite to start anew, or repeat the earlier command"
             )
+        return
+    location = parse_address(address)
+    if location.kind != "hdf5" and (location.path / (location.key or "")).exists():
+        raise EmUnetError(f"{address} already exists: choose another output or pass --overwrite")
+
+
+def _prepare_output(address: str, shape, block_shape, markers: Path, record: dict, overwrite: bool):
+    """The output volume, new or (with a matching record) the one an interrupted run left; refuses to mix."""
+    from em_unet.volumes import create_volume, open_volume
+
+    if (markers / "run.json").is_file() and not overwrite:  # checked by _check_output: resume
         output = open_volume(address, mode="r+")
         if tuple(output.shape) != tuple(shape):
             raise EmUnetError(f"{address}: shape {output.shape} differs from the input's {shape}")
@@ -413,10 +446,9 @@ def segment_volume(
     """Neuron labels of a chunked membrane-probability volume, each slice segmented in 2-D on the cluster
     (as :func:`em_unet.segment.segment_stack` does in memory) and labels unique across the volume
     (slice z's follow slice z-1's), into a uint32 chunked output. Resumes an interrupted run."""
-    from tqdm import tqdm
 
     from em_unet.segment import SegmentParams
-    from em_unet.volumes import create_volume, open_volume
+    from em_unet.volumes import open_volume
 
     params = params or SegmentParams()
     source = open_volume(probability_address, key=key)
@@ -426,6 +458,17 @@ def segment_volume(
     _, height, width = source.shape
     chunks = (1, min(height, DEFAULT_BLOCK_PX), min(width, DEFAULT_BLOCK_PX))
     record = {"probability": str(probability_address), "key": key, "segment": params.to_dict()}
+    with _removed_if_nothing_done(output_address, markers):
+        output, scratch = _segment_outputs(output_address, source, chunks, markers, record, overwrite)
+        _segment_on_cluster(source, output, scratch, markers, params, scheduler, workers, progress)
+    shutil.rmtree(markers, ignore_errors=True)  # complete: the scratch labels and markers go
+    return output_address
+
+
+def _segment_outputs(output_address: str, source, chunks, markers: Path, record: dict, overwrite: bool):
+    """The label output and the scratch volume of local labels: new, or those an interrupted run left."""
+    from em_unet.volumes import create_volume, open_volume
+
     recorded = markers / "run.json"
     if recorded.is_file() and not overwrite:
         if json.loads(recorded.read_text()) != json.loads(json.dumps(record)):
@@ -445,6 +488,13 @@ def segment_volume(
         scratch = open_volume(scratch_address, mode="r+")
     except EmUnetError:
         scratch = create_volume(scratch_address, source.shape, np.uint32, chunks)
+    return output, scratch
+
+
+def _segment_on_cluster(source, output, scratch, markers: Path, params, scheduler, workers, progress) -> None:
+    """Pass 1 (local labels and their counts) and pass 2 (labels offset to be unique), each resumable."""
+    from tqdm import tqdm
+
     n = source.shape[0]
     present = {p.name for p in markers.iterdir()}
     counts = {z: int((markers / f"local-{z}").read_text()) for z in range(n) if f"local-{z}" in present}
@@ -462,7 +512,7 @@ def segment_volume(
                 bar.update(1)
             offsets = np.concatenate([[0], np.cumsum([counts[z] for z in range(n)])[:-1]])
             if offsets[-1] + counts[n - 1] >= 2**32:
-                raise EmUnetError(f"{output_address}: more than 2**32 segments; segment fewer slices at a time")
+                raise EmUnetError(f"{output.address}: more than 2**32 segments; segment fewer slices at a time")
             done = {z for z in range(n) if f"labels-{z}" in present}
             bar.update(len(done))
             futures = [
@@ -473,5 +523,3 @@ def segment_volume(
             for future in as_completed(futures):
                 future.result()
                 bar.update(1)
-    shutil.rmtree(markers, ignore_errors=True)  # complete: the scratch labels and markers go
-    return output_address

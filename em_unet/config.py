@@ -135,7 +135,7 @@ def flag_of(f: dataclasses.Field) -> str | None:
         return None
     if f.metadata.get("flag"):
         return f.metadata["flag"]
-    if _base_type(f) is bool and f.default is True:
+    if f.default is True:  # a setting that is on by default: its flag turns it off
         return "--no-" + f.name.replace("_", "-")
     return "--" + f.name.replace("_", "-")
 
@@ -164,11 +164,8 @@ def _split_optional(hint) -> tuple[object, bool]:
     return hint, False
 
 
-def _base_type(f: dataclasses.Field, owner: type | None = None):
-    hint = f.type if owner is None else _hint(f, owner)
-    if isinstance(hint, str):  # annotations are strings under ``from __future__ import annotations``
-        hint = eval(hint, {"tuple": tuple, "int": int, "float": float, "str": str, "bool": bool})  # noqa: S307
-    return _split_optional(hint)[0]
+def _base_type(f: dataclasses.Field, owner: type):
+    return _split_optional(_hint(f, owner))[0]
 
 
 def value_type(cls: type, name: str):

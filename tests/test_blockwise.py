@@ -189,3 +189,23 @@ def test_bad_volumes_and_outputs_are_refused_before_any_work(model_path, tmp_pat
         assert len(err) == 1 and message in err[0], (extra, err)
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
     assert np.array_equal(open_volume(f"{tmp_path}/done.zarr")[...], done_before)
+
+
+def test_a_scheduler_that_does_not_answer_is_one_line(model_path, tmp_path, capsys, monkeypatch):
+    from em_unet import blockwise, cli
+
+    monkeypatch.setattr(blockwise, "SCHEDULER_TIMEOUT_S", 2.0)
+    write(f"{tmp_path}/raw.zarr", np.zeros((1, 64, 64), np.uint8), (1, 64, 64))
+    argv = [
+        "predict",
+        model_path,
+        f"{tmp_path}/raw.zarr",
+        "-o",
+        f"{tmp_path}/p.zarr",
+        "--scheduler",
+        "tcp://127.0.0.1:9",
+    ]
+    assert cli.main([str(a) for a in argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--scheduler tcp://127.0.0.1:9: no Dask scheduler answers there" in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["raw.zarr"]  # no output, no markers
