@@ -32,11 +32,13 @@ import numpy as np  # noqa: E402
 import tifffile  # noqa: E402
 from isbi_data import ISBI  # noqa: E402  (benchmarks/, beside this script)
 
-from em_unet.assembly import resolve_precision
 from em_unet.config import TrainConfig  # noqa: E402
 from em_unet.data import load_image_stack  # noqa: E402
 from em_unet.export import export_saved_model  # noqa: E402
-from em_unet.machine import machine_description  # noqa: E402
+from em_unet.machine import (
+    machine_description,  # noqa: E402
+    resolve_precision,
+)
 from em_unet.model import build_unet  # noqa: E402
 from em_unet.predict import keras_predictor, predict_stack  # noqa: E402
 

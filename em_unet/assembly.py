@@ -9,7 +9,6 @@ notebook; nothing here writes files except :class:`BestUnetCheckpoint`.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 from dataclasses import dataclass
@@ -26,36 +25,7 @@ from em_unet.distribute import shardable
 from em_unet.errors import DataError
 from em_unet.keras_patches import multi_worker_fit
 from em_unet.losses import border_weight_map, get_loss, metrics
-from em_unet.machine import cpu_flags
 from em_unet.model import build_unet
-
-# ---------------------------------------------------------------- precision
-
-
-def resolve_precision(precision: str) -> str:
-    """``auto``: bfloat16 on CPUs with AMX or AVX512-BF16 and on GPUs of compute capability >= 8,
-    float16 on older GPUs, float32 otherwise."""
-    if precision != "auto":
-        return precision
-    gpus = tf.config.list_physical_devices("GPU")
-    if gpus:
-        capability = tf.config.experimental.get_device_details(gpus[0]).get("compute_capability", (0, 0))
-        return "mixed_bfloat16" if capability >= (8, 0) else "mixed_float16"
-    return "mixed_bfloat16" if cpu_flags() & {"amx_bf16", "avx512_bf16"} else "float32"
-
-
-@contextlib.contextmanager
-def precision_policy(precision: str):
-    """Set Keras' global dtype policy for the block (``auto`` resolved) and yield its name; the previous
-    policy is restored however the block ends."""
-    previous = keras.mixed_precision.global_policy()
-    resolved = resolve_precision(precision)
-    keras.mixed_precision.set_global_policy(resolved)
-    try:
-        yield resolved
-    finally:
-        keras.mixed_precision.set_global_policy(previous)
-
 
 # ---------------------------------------------------------------- data
 
@@ -95,8 +65,7 @@ def prepare_data(config: TrainConfig) -> PreparedData:
 def _prepare_volumes(config: TrainConfig) -> PreparedData:
     import dask.array as da
 
-    from em_unet.blockwise import intensity_range
-    from em_unet.data import LazyImages, LazyTargets, label_convention_of
+    from em_unet.data import LazyImages, LazyTargets, label_convention_of, volume_intensity_range
     from em_unet.volumes import is_volume_address, open_volume
 
     for flag, address in (("--data", config.data), ("--labels", config.labels)):
@@ -110,7 +79,7 @@ def _prepare_volumes(config: TrainConfig) -> PreparedData:
         raise DataError(
             f"{labels.address}: label shape {labels.shape} differs from image shape {images.shape} of {images.address}"
         )
-    low, high = intensity_range(images)
+    low, high = volume_intensity_range(images)
     if not np.issubdtype(labels.dtype, np.integer) and labels.dtype != bool:
         raise DataError(f"{labels.address}: labels must be integers (0/255 or 0/1), found {labels.dtype}")
     values = da.unique(da.from_array(labels, chunks=labels.chunks, asarray=True)).compute()

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from em_unet.config import PredictConfig, check_prediction_settings
+from em_unet.data import scale_to_unit, volume_intensity_range
 from em_unet.errors import DataError, EmUnetError
 from em_unet.predict import TILE_MULTIPLE
 
@@ -112,39 +113,11 @@ def _removed_if_nothing_done(output_address: str, markers: Path) -> Iterator[Non
         done = markers.is_dir() and any(p.name[0].isdigit() or p.name.startswith("local-") for p in markers.iterdir())
         if not existed and not done:
             shutil.rmtree(markers, ignore_errors=True)
-            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
         raise
-
-
-# ---------------------------------------------------------------- intensities, chunk by chunk
-
-
-def intensity_range(volume, client=None) -> tuple[float, float]:
-    """(low, high): a voxel ``v`` becomes ``(v - low) / (high - low)`` in [0, 1], the rule of
-    :func:`em_unet.data.to_unit_range` applied chunk by chunk. 8/16-bit and boolean volumes need no pass
-    over the data; other types (floats outside [0, 1], other integers) take their minimum and maximum,
-    computed on the cluster."""
-    dtype = np.dtype(volume.dtype)
-    fixed = {np.dtype(np.uint8): (0.0, 255.0), np.dtype(np.uint16): (0.0, 65535.0), np.dtype(bool): (0.0, 1.0)}
-    if dtype in fixed:
-        return fixed[dtype]
-    import dask.array as da
-
-    array = da.from_array(volume, chunks=volume.chunks, asarray=True)
-    parts = [da.nanmin(array), da.nanmax(array), da.isfinite(array).all()]
-    low, high, finite = client.compute(parts, sync=True) if client else da.compute(*parts)
-    if not finite:
-        raise DataError(f"{volume.address}: NaN or infinite values: em-unet needs finite intensities")
-    if np.issubdtype(dtype, np.floating) and low >= 0.0 and high <= 1.0:
-        return 0.0, 1.0
-    return float(low), float(high)
-
-
-def _unit(values: np.ndarray, low: float, high: float) -> np.ndarray:
-    values = values.astype(np.float32)
-    if (low, high) == (0.0, 1.0):
-        return values
-    return (values - low) / (high - low) if high > low else np.zeros_like(values)
 
 
 # ---------------------------------------------------------------- the work of one block
@@ -215,7 +188,7 @@ def predict_block(job: PredictJob, source, block: Block, output=None, markers: s
             row_index, col_index = rows[r0:r1], cols[c0:c1]
             window = source[z, row_index.min() : row_index.max() + 1, col_index.min() : col_index.max() + 1]
             window = window[np.ix_(row_index - row_index.min(), col_index - col_index.min())]
-            return _unit(window, job.low, job.high)
+            return scale_to_unit(window, job.low, job.high)
 
         probability = predict_region(
             predictor, read_padded, grid, (block.y0, block.y1, block.x0, block.x1), job.tile_batch, job.tta
@@ -334,7 +307,7 @@ def predict_volume(
     _check_output(output_address, markers, record, overwrite)  # refusals before a cluster starts
     with _removed_if_nothing_done(output_address, markers), dask_client(scheduler, workers) as client:
         output = _prepare_output(output_address, source.shape, block_shape, markers, record, overwrite)
-        low, high = intensity_range(source, client)
+        low, high = volume_intensity_range(source, client)
         job = PredictJob(model, tile, margin, overlap, tile_batch, tta, isbi, low, high, _threads_per_worker(client))
         done = done_blocks(markers, blocks)
         todo = [b for b in blocks if b.name not in done]

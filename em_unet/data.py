@@ -320,12 +320,8 @@ def to_unit_range(
     has then checked the values). Otherwise NaN or infinite values are a :class:`DataError` naming
     ``source`` and the first slice that holds one.
     """
-    if stack.dtype == np.uint8:
-        return stack.astype(np.float32) / 255.0
-    if stack.dtype == np.uint16:
-        return stack.astype(np.float32) / 65535.0
-    if stack.dtype == bool:
-        return stack.astype(np.float32)
+    if stack.dtype in FIXED_RANGES:
+        return scale_to_unit(stack, *FIXED_RANGES[stack.dtype])
     is_float = np.issubdtype(stack.dtype, np.floating)
     stack = stack.astype(np.float32)
     if low is None or high is None:
@@ -334,7 +330,39 @@ def to_unit_range(
             check_finite(stack, source, IMAGE_VALUES)
     if is_float and low >= 0.0 and high <= 1.0:
         return stack
-    return (stack - low) / (high - low) if high > low else np.zeros_like(stack)
+    return scale_to_unit(stack, low, high)
+
+
+# The full range of 8- and 16-bit types and of booleans: no pass over the data finds it.
+FIXED_RANGES = {np.dtype(np.uint8): (0.0, 255.0), np.dtype(np.uint16): (0.0, 65535.0), np.dtype(bool): (0.0, 1.0)}
+
+
+def scale_to_unit(values: np.ndarray, low: float, high: float) -> np.ndarray:
+    """float32 ``(values - low) / (high - low)``: intensities of range (low, high) in [0, 1]."""
+    values = values.astype(np.float32)
+    if (low, high) == (0.0, 1.0):
+        return values
+    return (values - low) / (high - low) if high > low else np.zeros_like(values)
+
+
+def volume_intensity_range(volume, client=None) -> tuple[float, float]:
+    """(low, high) of a chunked volume for :func:`scale_to_unit`: the rule of :func:`to_unit_range` applied
+    chunk by chunk. 8/16-bit and boolean volumes need no pass over the data; other types (floats outside
+    [0, 1], other integers) take their minimum and maximum in one dask pass (on ``client``'s cluster, else
+    in this process), which also refuses NaN or infinite values."""
+    dtype = np.dtype(volume.dtype)
+    if dtype in FIXED_RANGES:
+        return FIXED_RANGES[dtype]
+    import dask.array as da
+
+    array = da.from_array(volume, chunks=volume.chunks, asarray=True)
+    parts = [da.nanmin(array), da.nanmax(array), da.isfinite(array).all()]
+    low, high, finite = client.compute(parts, sync=True) if client else da.compute(*parts)
+    if not finite:
+        raise DataError(f"{volume.address}: NaN or infinite values: em-unet needs finite intensities")
+    if np.issubdtype(dtype, np.floating) and low >= 0.0 and high <= 1.0:
+        return 0.0, 1.0
+    return float(low), float(high)
 
 
 def membrane_target(labels: np.ndarray, convention: str = "auto", source: str = "labels") -> np.ndarray:
@@ -410,10 +438,7 @@ class LazyImages:
 
     def __getitem__(self, index):
         z, *rest = index if isinstance(index, tuple) else (index,)
-        values = self.volume[(int(self.slices[z]), *rest)].astype(np.float32)
-        if (self.low, self.high) == (0.0, 1.0):
-            return values
-        return (values - self.low) / (self.high - self.low) if self.high > self.low else np.zeros_like(values)
+        return scale_to_unit(self.volume[(int(self.slices[z]), *rest)], self.low, self.high)
 
 
 class LazyTargets:
@@ -421,7 +446,7 @@ class LazyTargets:
     region) of some slices of a chunked label volume, read on demand like :class:`LazyImages`."""
 
     def __init__(self, volume, slices: np.ndarray, convention: str, weighted: bool = False):
-        self.volume, self.slices, self.membrane, self.weighted = volume, np.asarray(slices), None, weighted
+        self.volume, self.slices, self.weighted = volume, np.asarray(slices), weighted
         self.membrane = MEMBRANE_VALUE[convention]
         self.shape = (len(self.slices), *volume.shape[1:]) + ((2,) if weighted else ())
         self.ndim = len(self.shape)

@@ -26,13 +26,14 @@ from typing import Any
 import keras
 import tensorflow as tf
 
+from em_unet.config import EXPORT_PRECISIONS
 from em_unet.errors import EmUnetError
+from em_unet.machine import precision_policy
 from em_unet.outputs import check_writable, new_folder
 
 SIGNATURE = "serving_default"
 INPUT_NAME = "image"
 OUTPUT_NAME = "membrane_probability"
-EXPORT_PRECISIONS = ("float32", "trained")
 RENAME_ATTEMPTS = 100
 
 # Dtype-policy names that compute in half precision; rewritten to "float32" in the float32 copy.
@@ -105,18 +106,15 @@ def float32_copy(model: keras.Model) -> keras.Model:
     """
     if not _half_precision_layers(model):
         return model
-    previous = keras.config.dtype_policy()
-    keras.config.set_dtype_policy("float32")
     try:
-        copy = type(model).from_config(_float32_config(model.get_config()))
-        copy.set_weights(model.get_weights())
+        with precision_policy("float32"):
+            copy = type(model).from_config(_float32_config(model.get_config()))
+            copy.set_weights(model.get_weights())
     except (TypeError, ValueError, NotImplementedError) as err:
         cause = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise EmUnetError(
             f"cannot rebuild model {model.name!r} in float32 ({cause}); export it with precision='trained'"
         ) from None
-    finally:
-        keras.config.set_dtype_policy(previous)
     left = _half_precision_layers(copy)
     if left:
         raise EmUnetError(

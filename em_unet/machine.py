@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 from functools import lru_cache
@@ -39,3 +40,32 @@ def machine_description() -> str:
             f"{len(gpus)} GPU" if gpus else "no GPU",
         ]
     )
+
+
+def resolve_precision(precision: str) -> str:
+    """``auto``: bfloat16 on CPUs with AMX or AVX512-BF16 and on GPUs of compute capability >= 8,
+    float16 on older GPUs, float32 otherwise."""
+    import tensorflow as tf
+
+    if precision != "auto":
+        return precision
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        capability = tf.config.experimental.get_device_details(gpus[0]).get("compute_capability", (0, 0))
+        return "mixed_bfloat16" if capability >= (8, 0) else "mixed_float16"
+    return "mixed_bfloat16" if cpu_flags() & {"amx_bf16", "avx512_bf16"} else "float32"
+
+
+@contextlib.contextmanager
+def precision_policy(precision: str):
+    """Set Keras' global dtype policy for the block (``auto`` resolved) and yield its name; the previous
+    policy is restored however the block ends."""
+    import keras
+
+    previous = keras.mixed_precision.global_policy()
+    resolved = resolve_precision(precision)
+    keras.mixed_precision.set_global_policy(resolved)
+    try:
+        yield resolved
+    finally:
+        keras.mixed_precision.set_global_policy(previous)

@@ -29,11 +29,11 @@ from pathlib import Path
 
 import numpy as np
 
-from em_unet.assembly import prepare_data, resolve_precision
+from em_unet.assembly import prepare_data
 from em_unet.config import NAMING_FIELDS, TrainConfig, check_value, shipped_toml
 from em_unet.errors import ConfigError, EmUnetError
 from em_unet.history import read_history, read_json
-from em_unet.machine import machine_description
+from em_unet.machine import machine_description, resolve_precision
 from em_unet.outputs import atomic_output
 from em_unet.plot import plot_runs
 from em_unet.train import train

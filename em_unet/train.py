@@ -15,7 +15,6 @@ from em_unet.assembly import (
     build_model,
     fit,
     placement_for,
-    precision_policy,
     prepare_data,
     run_callbacks,
     steps_per_epoch,
@@ -24,6 +23,7 @@ from em_unet.config import TrainConfig
 from em_unet.distribute import is_chief, make_strategy, resolve_strategy
 from em_unet.errors import EmUnetError
 from em_unet.export import export_saved_model
+from em_unet.machine import precision_policy
 from em_unet.metrics import evaluate_stack
 from em_unet.outputs import atomic_output, check_free_space, check_writable, new_folder
 from em_unet.predict import keras_predictor, predict_stack

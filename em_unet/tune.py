@@ -35,7 +35,6 @@ from em_unet.assembly import (
     fit,
     inner_unet,
     placement_for,
-    precision_policy,
     prepare_data,
     run_callbacks,
     steps_per_epoch,
@@ -54,6 +53,7 @@ from em_unet.data import check_patch_size
 from em_unet.distribute import TrialHeartbeat, make_strategy, oracle_class, resolve_strategy, set_tuner_role
 from em_unet.errors import ConfigError, EmUnetError
 from em_unet.export import export_saved_model
+from em_unet.machine import precision_policy
 from em_unet.outputs import atomic_output, check_writable
 
 if sys.version_info >= (3, 11):

@@ -54,19 +54,21 @@ def test_time_limit_ends_training_before_the_next_epoch():
 
 
 def test_precision_auto_follows_the_hardware(monkeypatch):
-    from em_unet import assembly as train_module
+    import tensorflow as tf
 
-    monkeypatch.setattr(train_module.tf.config, "list_physical_devices", lambda kind=None: [])
+    from em_unet import machine as train_module
+
+    monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: [])
     monkeypatch.setattr(train_module, "cpu_flags", lambda: {"avx2", "amx_bf16"})
     assert train_module.resolve_precision("auto") == "mixed_bfloat16"
     monkeypatch.setattr(train_module, "cpu_flags", lambda: {"avx2", "avx512f"})
     assert train_module.resolve_precision("auto") == "float32"
     assert train_module.resolve_precision("mixed_float16") == "mixed_float16"
     gpu = object()
-    monkeypatch.setattr(train_module.tf.config, "list_physical_devices", lambda kind=None: [gpu])
+    monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: [gpu])
     for capability, expected in (((7, 5), "mixed_float16"), ((8, 0), "mixed_bfloat16")):
         monkeypatch.setattr(
-            train_module.tf.config.experimental,
+            tf.config.experimental,
             "get_device_details",
             lambda device, c=capability: {"compute_capability": c},
         )
@@ -87,7 +89,7 @@ def test_cosine_schedule_warms_up_then_decays_to_one_percent():
 
 
 def test_precision_policy_is_restored_however_the_block_ends():
-    from em_unet.assembly import precision_policy
+    from em_unet.machine import precision_policy
 
     keras.mixed_precision.set_global_policy("float32")
     with precision_policy("mixed_bfloat16") as name:
