@@ -1,12 +1,25 @@
-"""Training throughput against the machine's own peak: float32 vs mixed_bfloat16, side by side.
+"""Training throughput: em-unet's full training step against a plain Keras step, and the machine's
+own peak in float32 and mixed_bfloat16, side by side.
 
-In one process: the FLOPs of a training step counted from the model's layers, the peak of a large
+Part "full" (in one process, alternating rounds, best kept): at the default preset (depth 4, 16
+base filters, 256 px crops, batch 4, precision auto, ISBI 2012 slices 0-14 for training and 15-19
+for validation), patches per second of a plain Keras step (the same U-Net, compiled with Adam and
+binary cross-entropy, fed one batch from memory) beside em-unet's full training epoch as ``em-unet
+train`` runs it (crops, augmentation, metrics, validation, TensorBoard, checkpoint and history
+callbacks), and of the full epoch without each of these parts, to show where the time goes.
+Epochs are timed end to end (validation and callbacks included), the first epoch of each fit left
+out (tracing).
+
+Part "precision": the FLOPs of a training step counted from the model's layers, the peak of a large
 float32 and bfloat16 matrix product, and 256x256 patches per second at depth 4, 32 base filters,
 batch 4 (input from memory, so only the step is timed), in alternating rounds so machine noise
 hits both alike. Then a fixed short run on ISBI 2012 in each precision (same seed, same batches)
 compares the validation loss.
 
-    python benchmarks/train_throughput.py [--steps 10] [--rounds 3] [--short-steps 60]
+    python benchmarks/train_throughput.py [--part full|precision|all] [--rounds 3] [--epochs 12]
+        [--steps 10] [--short-steps 60]
+
+Target (part "full"): em-unet's full step at least 0.90x the plain Keras step.
 
 A training step counts as 3x the forward pass (forward, gradient w.r.t. activations, gradient
 w.r.t. weights), the usual convention; only convolutions are counted (ReLU, pooling, concatenation
@@ -16,8 +29,12 @@ and the loss are < 1 % of the arithmetic).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
+import shutil
+import tempfile
 import time
+from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -26,11 +43,20 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from isbi_data import ISBI  # noqa: E402  (benchmarks/, beside this script)
 
-from em_unet.assembly import prepare_data
+from em_unet.assembly import (  # noqa: E402
+    build_model,
+    fit,
+    placement_for,
+    prepare_data,
+    record_callbacks,
+    run_callbacks,
+    steps_per_epoch,
+    validation_epochs,
+)
 from em_unet.config import TrainConfig  # noqa: E402
 from em_unet.data import training_dataset, validation_dataset  # noqa: E402
 from em_unet.losses import get_loss  # noqa: E402
-from em_unet.machine import machine_description  # noqa: E402
+from em_unet.machine import machine_description, precision_policy  # noqa: E402
 from em_unet.model import build_unet  # noqa: E402
 
 
@@ -104,6 +130,78 @@ def short_run_val_loss(precision: str, depth: int, filters: int, steps: int, see
     return float(model.evaluate(val, verbose=0))
 
 
+class EpochClock(keras.callbacks.Callback):
+    """Mean seconds between successive epoch ends (after every other callback's work), the first epoch
+    (tracing) left out."""
+
+    def on_train_begin(self, logs=None):
+        self.ends: list[float] = []
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.ends.append(time.perf_counter())
+
+    @property
+    def seconds_per_epoch(self) -> float:
+        return float(np.mean(np.diff(self.ends)))
+
+
+def full_step_part(rounds: int, epochs: int) -> None:
+    """Patches per second of em-unet's full training epoch and of its variants, beside a plain Keras step."""
+    preset = TrainConfig(
+        data=str(ISBI / "train-volume.tif"), labels=str(ISBI / "train-labels.tif"), val_slices=(15, 19)
+    )
+    data = prepare_data(preset)
+    steps = steps_per_epoch(preset, data)
+    variants = {
+        "em-unet train, full step (defaults)": (preset, True),
+        "  with --val-every 1 (the previous default)": (dataclasses.replace(preset, val_every=1), True),
+        "  without augmentation": (dataclasses.replace(preset, augment=False), True),
+        "  without TensorBoard/checkpoint/CSV": (preset, False),
+    }
+    folder = Path(tempfile.mkdtemp(prefix="train-throughput-"))
+    runs = {}
+    with precision_policy(preset.precision) as precision:
+        keras.utils.set_random_seed(preset.seed)
+        unet = build_unet(preset.depth, preset.base_filters)
+        unet.compile(optimizer=keras.optimizers.Adam(preset.learning_rate), loss=get_loss(preset.loss))
+        rng = np.random.default_rng(0)
+        images = rng.random((preset.batch_size, preset.patch_size, preset.patch_size, 1), dtype=np.float32)
+        one_batch = tf.data.Dataset.from_tensors((images, (images > 0.5).astype(np.float32))).repeat()
+        plain_name = "plain Keras step (same U-Net, batch from memory)"
+        runs[plain_name] = lambda clock: unet.fit(
+            one_batch, epochs=epochs, steps_per_epoch=steps, verbose=0, callbacks=[clock]
+        )
+        for index, (name, (config, record)) in enumerate(variants.items()):
+            placement = placement_for(config)
+            model, inner = build_model(config, steps, placement)
+            callbacks = run_callbacks(config) + (record_callbacks(folder / str(index), inner) if record else [])
+            runs[name] = lambda clock, m=model, c=config, p=placement, cb=callbacks: fit(
+                m, c, data, p, epochs=epochs, callbacks=cb + [clock], verbose=0
+            )
+        best = {name: np.inf for name in runs}
+        for _ in range(rounds):
+            for name, run in runs.items():
+                clock = EpochClock()
+                run(clock)
+                best[name] = min(best[name], clock.seconds_per_epoch)
+    shutil.rmtree(folder, ignore_errors=True)
+    patches = steps * preset.batch_size
+    validated = validation_epochs(1, epochs, preset.val_every)
+    print(f"machine: {machine_description()}")
+    print(
+        f"default preset: depth {preset.depth}, {preset.base_filters} base filters, {precision}, batch "
+        f"{preset.batch_size} x {preset.patch_size} px, {steps} steps per epoch, validation on "
+        f"{len(data.val_slices)} slices every {preset.val_every} epochs; fits of {epochs} epochs (validated: "
+        f"{validated}), epochs 2-{epochs} timed, best of {rounds} rounds"
+    )
+    plain_rate = patches / best[plain_name]
+    for name, seconds in best.items():
+        rate = patches / seconds
+        print(f"{name:50s} {seconds:6.2f} s/epoch  {rate:6.2f} patches/s  {rate / plain_rate:5.2f}x plain Keras")
+    full = patches / best["em-unet train, full step (defaults)"]
+    print(f"em-unet's full step / plain Keras: {full / plain_rate:.2f}x (target >= 0.90x)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--depth", type=int, default=4)
@@ -125,7 +223,15 @@ def main() -> None:
         default=2,
         help="seeds of the short run per precision: their spread is the noise floor (default 2)",
     )
+    parser.add_argument("--part", choices=("full", "precision", "all"), default="all")
+    parser.add_argument(
+        "--epochs", type=int, default=12, help="epochs per fit in part full (default 12: validations 1 in 4)"
+    )
     args = parser.parse_args()
+    if args.part in ("full", "all"):
+        full_step_part(args.rounds, args.epochs)
+    if args.part == "full":
+        return
 
     precisions = {"float32": tf.float32, "mixed_bfloat16": tf.bfloat16}
     peak = {name: matmul_peak(dtype, args.matmul, 8, args.rounds) for name, dtype in precisions.items()}

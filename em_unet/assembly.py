@@ -9,6 +9,7 @@ notebook; nothing here writes files except :class:`BestUnetCheckpoint`.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -220,17 +221,41 @@ def fit(
     if isinstance(model, StepAugmentedModel):
         model.augment = config.augment_config()
     train_data, val_data = make_datasets(config, data, placement)
+    epochs = epochs or config.epochs
+    validated = validation_epochs(kwargs.get("initial_epoch", 0) + 1, epochs, config.val_every)
     with multi_worker_fit(model, train_data):
-        return model.fit(
+        history = model.fit(
             shardable(train_data),
-            epochs=epochs or config.epochs,
+            epochs=epochs,
             steps_per_epoch=steps_per_epoch(config, data),
             validation_data=shardable(val_data),
+            validation_freq=validated,
             shuffle=False,
             callbacks=callbacks or [],
             verbose=verbose,
             **kwargs,
         )
+    return epoch_aligned(history, validated)
+
+
+def epoch_aligned(history: keras.callbacks.History, validated: list[int]) -> keras.callbacks.History:
+    """``history`` with an entry for every epoch in each validation metric (NaN where an epoch was not
+    validated): Keras lists them for the validated epochs only, while readers such as KerasTuner take
+    ``history.history[key][i]`` to be epoch ``history.epoch[i]``."""
+    ran = [epoch + 1 for epoch in history.epoch]
+    done = [epoch for epoch in validated if epoch in ran]
+    for key, values in history.history.items():
+        if key.startswith("val_") and len(values) == len(done) != len(ran):
+            by_epoch = dict(zip(done, values))
+            history.history[key] = [by_epoch.get(epoch, float("nan")) for epoch in ran]
+    return history
+
+
+def validation_epochs(first: int, last: int, every: int) -> list[int]:
+    """The epochs (numbered from 1) a fit from epoch ``first`` to ``last`` validates: every ``every``-th,
+    and always the first (so history.csv has its validation columns from the start) and the last (so a
+    run or trial ends with a val_loss)."""
+    return sorted({first, last, *range(every, last + 1, every)} & set(range(first, last + 1)))
 
 
 def placement_for(config: TrainConfig) -> str:
@@ -245,13 +270,32 @@ def run_callbacks(config: TrainConfig, deadline: float | None = None) -> list[ke
     """What every fit gets: stop on a NaN loss, early stopping, and the time limit (``deadline``: a
     ``time.monotonic()`` instant; by default ``max_minutes`` from now)."""
     callbacks: list[keras.callbacks.Callback] = [keras.callbacks.TerminateOnNaN()]
-    if config.early_stopping:
-        callbacks.append(keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.early_stopping))
+    if config.early_stopping:  # Keras counts patience in validations: epochs without val_loss are skipped
+        patience = math.ceil(config.early_stopping / config.val_every)
+        callbacks.append(ValidatedEarlyStopping(monitor="val_loss", patience=patience))
     if deadline is None and config.max_minutes:
         deadline = time.monotonic() + config.max_minutes * 60.0
     if deadline is not None:
         callbacks.append(TimeLimit(deadline=deadline))
     return callbacks
+
+
+def record_callbacks(run_dir: Path, unet: keras.Model) -> list[keras.callbacks.Callback]:
+    """What a run leaves in ``run_dir``: TensorBoard events, ``best.keras`` (the U-Net at its best
+    ``val_loss``) and ``history.csv``."""
+    return [
+        keras.callbacks.TensorBoard(log_dir=str(run_dir)),
+        BestUnetCheckpoint(unet, run_dir / "best.keras"),
+        keras.callbacks.CSVLogger(str(run_dir / "history.csv")),
+    ]
+
+
+class ValidatedEarlyStopping(keras.callbacks.EarlyStopping):
+    """Keras' early stopping, quiet on the epochs that are not validated (see ``--val-every``)."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.monitor in (logs or {}):
+            super().on_epoch_end(epoch, logs)
 
 
 class TimeLimit(keras.callbacks.Callback):

@@ -4,7 +4,7 @@ A volume is cut into blocks that match the output's chunks: ``(z, block, block)`
 input's chunk depth. Each block is a task on a ``dask.distributed`` cluster (a LocalCluster with one
 worker process per core, or per GPU, by default; any running cluster by its address). A worker loads
 the model once and, for each slice of its block, predicts the block's part of the slice from the tiles
-of the slice's own tile grid that reach into it (:func:`em_unet.predict.predict_region`), reading only
+of the slice's own tile grid that reach into it (:func:`em_unet.predict.predict_regions`), reading only
 that window of the input (mirror-padded at the volume's edges). So the result equals the prediction of
 the whole slice in memory, whatever the blocks, and a worker's memory is set by the block and tile size,
 not by the volume.
@@ -175,25 +175,27 @@ def _worker_number() -> int:
 def predict_block(job: PredictJob, source, block: Block, output=None, markers: str | None = None) -> np.ndarray | None:
     """Predict ``block`` of the volume ``source``; write it into ``output`` and mark it done when given
     (Zarr), else return it (the client writes HDF5)."""
-    from em_unet.predict import predict_region, tile_grid
+    from em_unet.predict import predict_regions, tile_grid
 
     predictor = worker_predictor(job.model, job.threads)
     _, height, width = source.shape
     grid = tile_grid(height, width, job.tile, job.margin, job.overlap)
     rows, cols = grid.padded_index(0), grid.padded_index(1)
-    result = np.empty((block.z1 - block.z0, block.y1 - block.y0, block.x1 - block.x0), np.float32)
-    for z in range(block.z0, block.z1):
 
-        def read_padded(r0, r1, c0, c1, z=z):
+    def reader(z):
+        def read_padded(r0, r1, c0, c1):
             row_index, col_index = rows[r0:r1], cols[c0:c1]
             window = source[z, row_index.min() : row_index.max() + 1, col_index.min() : col_index.max() + 1]
             window = window[np.ix_(row_index - row_index.min(), col_index - col_index.min())]
             return scale_to_unit(window, job.low, job.high)
 
-        probability = predict_region(
-            predictor, read_padded, grid, (block.y0, block.y1, block.x0, block.x1), job.tile_batch, job.tta
-        )
-        result[z - block.z0] = 1.0 - probability if job.isbi else probability
+        return read_padded
+
+    region = (block.y0, block.y1, block.x0, block.x1)
+    regions = ((reader(z), grid, region) for z in range(block.z0, block.z1))
+    result = np.stack(list(predict_regions(predictor, regions, job.tile_batch, job.tta)))
+    if job.isbi:
+        result = 1.0 - result
     if output is None:
         return result
     output[block.index] = result

@@ -153,6 +153,11 @@ def cmd_tune(args) -> int:
     base = from_args(TrainConfig, args)
     search = search_settings(given=given(args, SearchConfig))
     result = tune(base, search, verbose=_verbosity())
+    if result.get("recycled"):
+        from em_unet.distribute import RECYCLE_STATUS
+
+        print(f"worker leaves after {result['recycled']} trial(s): a fresh process takes its place")
+        return RECYCLE_STATUS
     if result["role"] == "worker":
         print(f"worker done: no trial left; the chief writes {result['run_dir'] / 'results.csv'} and exports")
         return 0
@@ -410,7 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
         "Search hyperparameters with KerasTuner; re-running the same command resumes. Trials and TensorBoard "
         "logs go to LOGS_DIR/tune/<project>/, the best model to MODELS_DIR/. Every training flag applies to "
         "each trial; --epochs is each trial's length (Hyperband: the longest), --max-minutes limits the whole "
-        "search.",
+        "search. --workers N runs the trials in N worker processes on this machine, each replaced by a fresh one "
+        "after --recycle-after trials so that memory stays flat.",
         (TrainConfig, {"exclude": TUNE_EXCLUDED}),
         (SearchConfig, {}),
     )
@@ -476,7 +482,7 @@ def build_parser() -> argparse.ArgumentParser:
 def describe_error(err: BaseException) -> tuple[str, int]:
     """One line for an error, and the exit status: 2 for refused input and I/O failures, 1 for the unexpected."""
     if isinstance(err, EmUnetError):
-        return str(err), 2
+        return str(err), getattr(err, "exit_status", 2)
     if isinstance(err, OSError):
         where = err.filename or ""
         cause = err.strerror or str(err)

@@ -58,8 +58,8 @@ GROUPS = {
     "segmentation": "segmentation (seeded watershed + agglomeration; defaults measured on ISBI 2012 slices 15-19)",
     "search": "search",
     "volumes": "large volumes (HDF5, Zarr, OME-Zarr inputs or outputs: worked on block by block on a Dask cluster)",
-    "distributed": "distributed tuning (KerasTuner chief and workers; default: the KERASTUNER_* variables, "
-    "else one process)",
+    "distributed": "distributed tuning (KerasTuner chief and workers: --workers on this machine, or --tuner-id, "
+    "--oracle-ip, --oracle-port across machines; default: the KERASTUNER_* variables, else one process)",
     "study": "study",
     "options": "options",
 }
@@ -372,10 +372,21 @@ class TrainConfig(Settings):
     )
     early_stopping: int = setting(
         0,
-        "stop after this many epochs without val_loss improvement (0: off; for tune: per trial)",
+        "stop after this many epochs without val_loss improvement, rounded up to whole --val-every "
+        "periods (0: off; for tune: per trial)",
         group="optimisation",
         minimum=0,
         metavar="EPOCHS",
+    )
+    val_every: int = setting(
+        4,
+        "validate every N epochs, and always after the first and the last; best.keras and "
+        "--early-stopping see the validated epochs (a validation costs about a tenth of an epoch "
+        "at the defaults)",
+        group="optimisation",
+        minimum=1,
+        maximum=10000,
+        metavar="N",
     )
     max_minutes: float | None = setting(
         None,
@@ -532,6 +543,26 @@ class SearchConfig(Settings):
         toml=False,
     )
     overwrite: bool = setting(False, "start the search anew instead of resuming", group="search", toml=False)
+    workers: int = setting(
+        0,
+        "worker processes on this machine that run the trials, with this process as their chief (0: trials run "
+        "in this process); one GPU each where there are GPUs, else the CPU cores split between them",
+        group="distributed",
+        minimum=0,
+        maximum=64,
+        metavar="N",
+        toml=False,
+    )
+    recycle_after: int = setting(
+        1,
+        "with --workers: a worker process leaves after this many trials and a fresh one takes its place, so "
+        "memory stays flat (Keras keeps about 27 MB per trial in a process); 0: never",
+        group="distributed",
+        minimum=0,
+        maximum=10000,
+        metavar="TRIALS",
+        toml=False,
+    )
     tuner_id: str | None = setting(
         None,
         "'chief' serves the oracle; any other id (tuner0, tuner1, ...) is a "
@@ -557,6 +588,14 @@ class SearchConfig(Settings):
     def check(self) -> None:
         if self.project in (".", "..") or "/" in self.project:
             raise ConfigError(f"--project {self.project!r}: must be a folder name, not a path")
+        clashing = [
+            flag_of(self.field(name)) for name in ("tuner_id", "oracle_ip", "oracle_port") if getattr(self, name)
+        ]
+        if self.workers and clashing:
+            raise ConfigError(
+                f"--workers {self.workers} starts its own chief and workers on this machine: leave out "
+                f"{', '.join(clashing)} (they join a search started elsewhere)"
+            )
 
 
 # Flags of `train` that `tune` does not offer: a search names its folder with --project.
@@ -586,7 +625,7 @@ class PredictConfig(Settings):
         default_text="the whole slice plus margins, up to 1024 px a side; larger slices are tiled",
     )
     margin: int = setting(
-        32,
+        16,
         "context border of each tile, pixels, not used for output",
         group="prediction",
         minimum=0,
@@ -831,6 +870,25 @@ def given(args: argparse.Namespace, cls: type) -> dict:
 def from_args(cls: type, args: argparse.Namespace, **overrides):
     """Build ``cls`` from the flags given (defaults for the rest); checks every value."""
     return cls(**{**given(args, cls), **overrides})
+
+
+def to_flags(settings: Settings, exclude: Iterable[str] = ()) -> list[str]:
+    """The command-line flags that give ``settings`` again (:func:`from_args` reads them back): every
+    value that is not None, and each on/off setting that differs from its default."""
+    flags = []
+    for f in selected(type(settings), exclude=exclude):
+        value = getattr(settings, f.name)
+        if f.metadata.get("positional") or value is None:
+            continue
+        if isinstance(value, bool):
+            if value != f.default:
+                flags.append(flag_of(f))
+            continue
+        text = (
+            f"{value[0]}-{value[1]}" if isinstance(value, tuple) else repr(value) if isinstance(value, float) else value
+        )
+        flags += [flag_of(f), str(text)]
+    return flags
 
 
 def flags_markdown(cls: type, include: Iterable[str] | None = None, exclude: Iterable[str] = ()) -> str:

@@ -39,6 +39,7 @@ def find_runs(root: str | Path) -> list[Path]:
 
 
 HISTORY_COLUMNS = "epoch, loss, val_loss, ... as Keras's CSVLogger writes them"
+NOT_MEASURED = "NA"  # CSVLogger's value for a metric an epoch did not log: validation with --val-every > 1
 
 
 def _read_csv(path: Path) -> dict[str, np.ndarray]:
@@ -74,6 +75,9 @@ def _read_csv(path: Path) -> dict[str, np.ndarray]:
         for name, text in zip(header, record):
             if name == "epoch":
                 continue
+            if text == NOT_MEASURED:
+                columns[name].append(np.nan)
+                continue
             try:
                 columns[name].append(float(text))  # "nan" and "inf" are real records of a diverged run
             except ValueError:
@@ -96,7 +100,9 @@ def _read_events(folder: Path, prefix: str) -> dict[str, np.ndarray]:
                     values.setdefault(prefix + value.tag[len("epoch_") :], {})[int(event.step)] = number
         except tf.errors.DataLossError:
             continue  # a run killed while writing leaves a truncated last record; the epochs before it count
-    return {key: np.array([steps[s] for s in sorted(steps)]) for key, steps in values.items()}
+    # epochs without validation (--val-every) have no validation event: NaN keeps index = epoch - 1
+    epochs = 1 + max((step for steps in values.values() for step in steps), default=-1)
+    return {key: np.array([steps.get(s, np.nan) for s in range(epochs)]) for key, steps in values.items()}
 
 
 def read_history(run_dir: str | Path) -> dict[str, np.ndarray]:

@@ -32,7 +32,8 @@ def draw_curves(ax, curves: Curves, title: str, ylabel: str = "loss") -> None:
         for key, style in (("loss", "-"), ("val_loss", "--")):
             if key in history:
                 epochs = np.arange(1, len(history[key]) + 1)
-                ax.plot(epochs, history[key], style, color=colour, linewidth=1.5, gid=f"{label}/{key}")
+                shown = ~np.isnan(history[key])  # epochs without validation (--val-every); the line joins the rest
+                ax.plot(epochs[shown], history[key][shown], style, color=colour, linewidth=1.5, gid=f"{label}/{key}")
                 values.append(history[key])
         ax.plot([], [], "-", color=colour, linewidth=4, label=label)
     finite = np.concatenate(values) if values else np.array([])

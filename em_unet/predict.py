@@ -256,42 +256,98 @@ def _dihedral(tiles: np.ndarray, k: int, inverse: bool = False) -> np.ndarray:
     return tiles[:, :, ::-1] if flip else tiles
 
 
-def predict_region(
+class _Blend:
+    """The weighted sum of the tiles of ``grid`` that reach into ``region`` (y0, y1, x0, x1 of the slice,
+    pixels), read through ``read_padded`` (see :func:`predict_regions`); each tile comes back as ``views``
+    outputs (8 with test-time augmentation)."""
+
+    def __init__(self, read_padded: Callable[[int, int, int, int], np.ndarray], grid: TileGrid, region, views: int):
+        self.grid, self.region = grid, region
+        self.origins = grid.origins(region)
+        self.top = min(r for r, _ in self.origins)
+        self.left = min(c for _, c in self.origins)
+        bottom = max(r for r, _ in self.origins) + grid.tile_h
+        right = max(c for _, c in self.origins) + grid.tile_w
+        self.padded = read_padded(self.top, bottom, self.left, right)
+        self.window = np.outer(
+            _ramp(grid.tile_h, grid.margin, grid.overlap), _ramp(grid.tile_w, grid.margin, grid.overlap)
+        )
+        self.total = np.zeros((bottom - self.top, right - self.left), np.float32)
+        self.weight = np.zeros_like(self.total)
+        self.waiting = len(self.origins) * views  # tile outputs not yet added
+
+    def tile(self, origin: tuple[int, int]) -> np.ndarray:
+        r, c = origin[0] - self.top, origin[1] - self.left
+        return self.padded[r : r + self.grid.tile_h, c : c + self.grid.tile_w]
+
+    def add(self, origin: tuple[int, int], probability: np.ndarray, share: float) -> None:
+        r, c = origin[0] - self.top, origin[1] - self.left
+        window = self.window * share if share != 1.0 else self.window
+        self.total[r : r + self.grid.tile_h, c : c + self.grid.tile_w] += probability * window
+        self.weight[r : r + self.grid.tile_h, c : c + self.grid.tile_w] += window
+        self.waiting -= 1
+
+    def result(self) -> np.ndarray:
+        y0, y1, x0, x1 = self.region
+        m = self.grid.margin
+        inside = (slice(y0 + m - self.top, y1 + m - self.top), slice(x0 + m - self.left, x1 + m - self.left))
+        return self.total[inside] / self.weight[inside]
+
+
+def predict_regions(
     predictor: Callable[[np.ndarray], np.ndarray],
-    read_padded: Callable[[int, int, int, int], np.ndarray],
-    grid: TileGrid,
-    region: tuple[int, int, int, int],
+    regions: Iterable[tuple[Callable[[int, int, int, int], np.ndarray], TileGrid, tuple[int, int, int, int]]],
     tile_batch: int = PredictConfig.tile_batch,
     tta: bool = PredictConfig.tta,
-) -> np.ndarray:
-    """Membrane probability (float32) of ``region`` (y0, y1, x0, x1, pixels) of one slice, from the tiles of
-    ``grid`` that reach into it; ``read_padded(r0, r1, c0, c1)`` returns that window of the mirror-padded
-    slice as float32 in [0, 1]."""
-    y0, y1, x0, x1 = region
-    origins = grid.origins(region)
-    top, left = min(r for r, _ in origins), min(c for _, c in origins)
-    bottom = max(r for r, _ in origins) + grid.tile_h
-    right = max(c for _, c in origins) + grid.tile_w
-    padded = read_padded(top, bottom, left, right)
-    window = np.outer(_ramp(grid.tile_h, grid.margin, grid.overlap), _ramp(grid.tile_w, grid.margin, grid.overlap))
-    total = np.zeros((bottom - top, right - left), np.float32)
-    weight = np.zeros((bottom - top, right - left), np.float32)
-    for start in range(0, len(origins), tile_batch):
-        batch_origins = [(r - top, c - left) for r, c in origins[start : start + tile_batch]]
-        tiles = np.stack([padded[r : r + grid.tile_h, c : c + grid.tile_w] for r, c in batch_origins])[..., None]
-        if tta:
-            out = np.mean(
-                [_dihedral(predictor(np.ascontiguousarray(_dihedral(tiles, k))), k, inverse=True) for k in range(8)],
-                axis=0,
-            )
-        else:
-            out = predictor(tiles)
-        for (r, c), probability in zip(batch_origins, out[..., 0]):
-            total[r : r + grid.tile_h, c : c + grid.tile_w] += probability * window
-            weight[r : r + grid.tile_h, c : c + grid.tile_w] += window
-    m = grid.margin
-    inside = (slice(y0 + m - top, y1 + m - top), slice(x0 + m - left, x1 + m - left))
-    return total[inside] / weight[inside]
+) -> Iterator[np.ndarray]:
+    """Membrane probability (float32) of each ``(read_padded, grid, region)`` of ``regions``, in order.
+
+    ``region`` is (y0, y1, x0, x1) of one slice, pixels; it is predicted from the tiles of ``grid`` that
+    reach into it, and ``read_padded(r0, r1, c0, c1)`` returns that window of the mirror-padded slice as
+    float32 in [0, 1]. Tiles of successive regions share forward passes of up to ``tile_batch`` tiles (a
+    stack of small slices runs several slices per pass); ``regions`` is read lazily, one batch ahead,
+    so memory stays bounded for any number of regions. With ``tta`` each tile's 8 flips/rotations are
+    batched like tiles and their outputs averaged.
+    """
+    views = (0, 2, 4, 6, 1, 3, 5, 7) if tta else (0,)  # odd views turn a quarter: same shapes together
+    share = 1.0 / len(views)
+    pending: list[_Blend] = []  # regions in order, the oldest first; each is yielded when complete
+    batch: list[tuple[_Blend, tuple[int, int], int, tuple[int, int]]] = []  # (region, tile origin, view, shape)
+
+    def run(batch):
+        tiles = np.stack([_dihedral(blend.tile(origin)[None, ..., None], k)[0] for blend, origin, k, _ in batch])
+        out = predictor(np.ascontiguousarray(tiles))
+        for (blend, origin, k, _), probability in zip(batch, out):
+            blend.add(origin, _dihedral(probability[None], k, inverse=True)[0, ..., 0], share)
+
+    def finished():
+        while pending and pending[0].waiting == 0:
+            yield pending.pop(0).result()
+
+    for read_padded, grid, region in regions:
+        blend = _Blend(read_padded, grid, region, len(views))
+        pending.append(blend)
+        for origin in blend.origins:
+            for k in views:
+                shape = (grid.tile_w, grid.tile_h) if k % 2 else (grid.tile_h, grid.tile_w)  # odd k: a quarter turn
+                if batch and (len(batch) == tile_batch or shape != batch[0][3]):
+                    run(batch)
+                    batch = []
+                    yield from finished()
+                batch.append((blend, origin, k, shape))
+    if batch:
+        run(batch)
+    yield from finished()
+
+
+def _whole_slice(image: np.ndarray, tile: int | None, margin: int, overlap: int):
+    """``(read_padded, grid, region)`` of a whole 2-D slice for :func:`predict_regions`."""
+    height, width = image.shape
+    grid = tile_grid(height, width, tile, margin, overlap)
+    padded_h, padded_w = grid.padded_shape
+    pad = ((margin, padded_h - height - margin), (margin, padded_w - width - margin))
+    padded = np.pad(image.astype(np.float32, copy=False), pad, mode=grid.pad_mode)
+    return (lambda r0, r1, c0, c1: padded[r0:r1, c0:c1]), grid, (0, height, 0, width)
 
 
 def predict_slice(
@@ -314,15 +370,7 @@ def predict_slice(
         tile_batch: tiles per forward pass (sets peak memory).
         tta: average the 8 flips/rotations of every tile.
     """
-    check_prediction_settings(tile, margin, overlap, tile_batch)
-    height, width = image.shape
-    grid = tile_grid(height, width, tile, margin, overlap)
-    padded_h, padded_w = grid.padded_shape
-    pad = ((margin, padded_h - height - margin), (margin, padded_w - width - margin))
-    padded = np.pad(image.astype(np.float32), pad, mode=grid.pad_mode)
-    return predict_region(
-        predictor, lambda r0, r1, c0, c1: padded[r0:r1, c0:c1], grid, (0, height, 0, width), tile_batch, tta
-    )
+    return next(predict_stack(predictor, [image], tile, margin, overlap, tile_batch, tta))
 
 
 def predict_stack(
@@ -335,12 +383,20 @@ def predict_stack(
     tta: bool = PredictConfig.tta,
     progress: bool = False,
 ) -> Iterator[np.ndarray]:
-    """Yield the membrane probability of each float32 slice in [0, 1] of ``images`` (an array or an iterator)."""
+    """Yield the membrane probability of each float32 slice in [0, 1] of ``images`` (an array or an
+    iterator), in order. Slices smaller than a tile share forward passes of ``tile_batch`` tiles."""
     from tqdm import tqdm
 
     check_prediction_settings(tile, margin, overlap, tile_batch)
-    for image in tqdm(images, desc="predicting", unit="slice", disable=not progress):
-        yield predict_slice(predictor, image, tile, margin, overlap, tile_batch, tta)
+    regions = (_whole_slice(image, tile, margin, overlap) for image in images)
+    total = len(images) if hasattr(images, "__len__") else None
+    yield from tqdm(
+        predict_regions(predictor, regions, tile_batch, tta),
+        desc="predicting",
+        unit="slice",
+        total=total,
+        disable=not progress,
+    )
 
 
 def predict_file(

@@ -154,7 +154,8 @@ def plan_variants(
     for name in chosen:
         experiment = study["experiments"][name]
         for value, label, folder in zip(experiment["values"], experiment["labels"], experiment["folders"]):
-            settings = {**study["settings"], **experiment["fixed"], experiment["factor"]: value}
+            # the judgements read validation curves epoch by epoch: validate every epoch unless the file says otherwise
+            settings = {"val_every": 1, **study["settings"], **experiment["fixed"], experiment["factor"]: value}
             if epochs:
                 settings["epochs"] = epochs
             if precision:
@@ -183,7 +184,10 @@ def _is_finished(run_dir: Path) -> bool:
 def _check_finished_matches(variant: Variant) -> None:
     recorded = comparable(read_json(variant.run_dir / "config.json"))
     wanted = comparable(variant.config.to_dict())
-    differences = [f"{k}: {recorded.get(k)!r} there, {v!r} now" for k, v in wanted.items() if recorded.get(k) != v]
+    # a setting the run's config.json lacks came into em-unet after that run: its behaviour then is not a difference
+    differences = [
+        f"{k}: {recorded[k]!r} there, {v!r} now" for k, v in wanted.items() if k in recorded and recorded[k] != v
+    ]
     if differences:
         raise EmUnetError(
             f"{variant.run_dir} holds a finished run with other settings ({'; '.join(differences[:3])}): "
@@ -502,14 +506,16 @@ def epoch_noise(curves: list[np.ndarray]) -> float:
 def variant_summary(history: dict, scores: dict) -> dict:
     """Per variant: minimum validation loss and its epoch (1-based), final losses, their gap, ISBI scores."""
     loss, val = history["loss"], history["val_loss"]
-    best = int(np.argmin(val))
+    validated = np.flatnonzero(~np.isnan(val))  # epochs with a validation (all, unless --val-every > 1)
+    best = int(validated[np.argmin(val[validated])]) if validated.size else 0
+    last = int(validated[-1]) if validated.size else len(val) - 1
     return {
         "epochs": len(loss),
         "min_val_loss": float(val[best]),
         "min_val_epoch": best + 1,
         "final_train_loss": float(loss[-1]),
-        "final_val_loss": float(val[-1]),
-        "overfitting_gap": float(val[-1] - loss[-1]),
+        "final_val_loss": float(val[last]),
+        "overfitting_gap": float(val[last] - loss[last]),
         "v_rand": scores.get("v_rand"),
         "v_info": scores.get("v_info"),
         "pixel_error": scores.get("pixel_error"),
@@ -537,8 +543,11 @@ def write_report(root: str | Path, report_dir: str | Path | None = None) -> dict
         runs = {}
         for value, label, folder in zip(experiment["values"], experiment["labels"], folders):
             history = read_history(folder)
-            runs[value] = history
-            curves.append(history["val_loss"])
+            # the judgements read a curve per validation: leave out epochs without one (--val-every > 1)
+            runs[value] = {
+                key: curve[~np.isnan(curve)] if key.startswith("val_") else curve for key, curve in history.items()
+            }
+            curves.append(runs[value]["val_loss"])
             rows.append(
                 {
                     "experiment": name,

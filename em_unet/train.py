@@ -11,11 +11,11 @@ import numpy as np
 import tensorflow as tf
 
 from em_unet.assembly import (
-    BestUnetCheckpoint,
     build_model,
     fit,
     placement_for,
     prepare_data,
+    record_callbacks,
     run_callbacks,
     steps_per_epoch,
 )
@@ -101,11 +101,7 @@ def train(config: TrainConfig, verbose: int = 1, export: bool = True) -> dict:
             with atomic_output(run_dir / "config.json") as tmp:
                 tmp.write_text(json.dumps(record, indent=2))
             best_path = run_dir / "best.keras"
-            callbacks += [
-                keras.callbacks.TensorBoard(log_dir=str(run_dir)),
-                BestUnetCheckpoint(unet, best_path),
-                keras.callbacks.CSVLogger(str(run_dir / "history.csv")),
-            ]
+            callbacks += record_callbacks(run_dir, unet)
             fit(model, config, data, placement, callbacks=callbacks, verbose=verbose)
     if not best_path.exists():
         raise EmUnetError(

@@ -12,7 +12,13 @@ is honoured: ``--epochs`` is the epochs of each trial (Hyperband's longest), ``-
 applies within each trial, ``--max-minutes`` to the whole search (no trial starts after it, and the
 running one stops at an epoch's end), ``--seed`` fixes the trials drawn and their order.
 Trials and per-trial TensorBoard logs (with the HParams dashboard) go to ``logs/tune/<project>/``;
-re-running the same command resumes.
+re-running the same command resumes. After each trial the search prints "trial k of N" (N: ``max_trials``,
+or every trial of Hyperband's brackets), the time per trial so far and the time left.
+
+``--workers N`` (:func:`tune` with ``search.workers``) makes this process KerasTuner's chief on 127.0.0.1 and
+runs the trials in N worker processes (KerasTuner's own distributed mode), each replaced by a fresh process
+after ``--recycle-after`` trials: Keras and TensorFlow keep memory after every ``fit``, a process that ends
+gives it back.
 """
 
 from __future__ import annotations
@@ -22,7 +28,10 @@ import dataclasses
 import io
 import itertools
 import json
+import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -43,14 +52,29 @@ from em_unet.config import (
     BUILD_FIELDS,
     FIT_FIELDS,
     SAMPLINGS,
+    TUNE_EXCLUDED,
     SearchConfig,
     TrainConfig,
     check_value,
     shipped_toml,
+    to_flags,
     value_type,
 )
 from em_unet.data import check_patch_size
-from em_unet.distribute import TrialHeartbeat, make_strategy, oracle_class, resolve_strategy, set_tuner_role
+from em_unet.distribute import (
+    CHIEF_VARIABLE,
+    LOCALHOST,
+    ORACLE_VARIABLES,
+    RECYCLE_VARIABLE,
+    TrialHeartbeat,
+    WorkerPool,
+    free_port,
+    make_strategy,
+    oracle_class,
+    resolve_strategy,
+    set_tuner_role,
+    watch_chief,
+)
 from em_unet.errors import ConfigError, EmUnetError
 from em_unet.export import export_saved_model
 from em_unet.machine import precision_policy
@@ -174,8 +198,24 @@ class UnetHyperModel(kt.HyperModel):
 
     def fit(self, hp, model, *args, callbacks=None, **kwargs):
         config = self.trial_config(hp)
+        for callback in callbacks or []:
+            if hasattr(callback, "objective"):
+                only_on_validated_epochs(callback)
         callbacks = list(callbacks or []) + run_callbacks(config, deadline=self.deadline)
         return fit(model, config, self.data, self.placement, callbacks=callbacks, **kwargs)
+
+
+def only_on_validated_epochs(callback: keras.callbacks.Callback) -> None:
+    """Let a KerasTuner callback that follows the objective (its best-epoch checkpoint) act only on epochs
+    whose logs hold the objective. KerasTuner saves the weights of every epoch whose logs lack it, which
+    with ``--val-every`` > 1 would overwrite the best epoch's weights by a later, unvalidated epoch's."""
+    on_epoch_end = callback.on_epoch_end
+
+    def on_validated_epoch_end(epoch, logs=None):
+        if callback.objective.has_value(logs or {}):
+            on_epoch_end(epoch, logs)
+
+    callback.on_epoch_end = on_validated_epoch_end
 
 
 def check_space_fits(space: dict, base: TrainConfig, data) -> None:
@@ -192,13 +232,22 @@ def check_space_fits(space: dict, base: TrainConfig, data) -> None:
 IDLE_POLL_S = 1.0  # wait between asks when the oracle has no trial to give yet
 
 
+class WorkerRecycled(Exception):
+    """Raised on a worker of ``tune --workers`` before it would ask for a trial beyond its ``recycle_after``."""
+
+
 class TrialHooks:
     """Mixed into KerasTuner's tuners: seeds each trial, says which worker runs which trial, waits
-    between asks when the oracle answers IDLE, and (as a distributed worker) sends heartbeats."""
+    between asks when the oracle answers IDLE, (as a distributed worker) sends heartbeats, and (as a
+    worker of ``tune --workers``) leaves after ``recycle_after`` trials so a fresh process takes over."""
 
     heartbeat_s: float | None = None
+    recycle_after: int = 0
 
     def pre_create_trial(self):
+        trials_run = getattr(self, "_trials_run", 0)
+        if self.recycle_after and trials_run >= self.recycle_after:
+            raise WorkerRecycled(trials_run)
         if getattr(self, "_asked_in_vain", False):
             time.sleep(IDLE_POLL_S)
         self._asked_in_vain = True
@@ -219,6 +268,7 @@ class TrialHooks:
         if self._heartbeat:
             self._heartbeat.stop()
         super().on_trial_end(trial)
+        self._trials_run = getattr(self, "_trials_run", 0) + 1
         print(f"[{self.tuner_id}] trial {trial.trial_id} finished: {trial.status}", flush=True)
 
 
@@ -251,18 +301,27 @@ def make_tuner(
     deadline: float | None = None,
     heartbeat_s: float | None = None,
     worker_timeout_s: float | None = None,
+    recycle_after: int = 0,
 ):
-    """A tuner for ``search.algorithm`` whose oracle holds ``seed`` and ``deadline``."""
+    """A tuner for ``search.algorithm`` whose oracle holds ``seed`` and ``deadline``; ``recycle_after``
+    (trials, 0: never) makes a worker's search end with :class:`WorkerRecycled`."""
     if isinstance(strategy, tf.distribute.OneDeviceStrategy):
         strategy = None  # KerasTuner's default path: the same single device
-    options = {"objective": search.objective, "seed": seed, "deadline": deadline, "worker_timeout_s": worker_timeout_s}
+    options = {
+        "objective": search.objective,
+        "seed": seed,
+        "deadline": deadline,
+        "worker_timeout_s": worker_timeout_s,
+        "parallel": search.workers,
+    }
     if search.algorithm == "hyperband":
         oracle = oracle_class(ORACLES["hyperband"])(max_epochs=epochs, factor=search.hyperband_factor, **options)
         tuner_class = EmUnetHyperband
     else:
         oracle = oracle_class(ORACLES[search.algorithm])(max_trials=search.max_trials, **options)
         tuner_class = EmUnetTuner
-    tuner_class = type(tuner_class.__name__, (tuner_class,), {"heartbeat_s": heartbeat_s})
+    hooks = {"heartbeat_s": heartbeat_s, "recycle_after": recycle_after}
+    tuner_class = type(tuner_class.__name__, (tuner_class,), hooks)
     return tuner_class(
         oracle,
         hypermodel,
@@ -321,6 +380,21 @@ def _export_best(tuner, base: TrainConfig, run_dir: Path) -> Path:
     return export_dir
 
 
+def worker_command(base: TrainConfig, search: SearchConfig, tuner_id: str, deadline: float | None) -> list[str]:
+    """The command of one worker of ``tune --workers``: the chief's settings, as a worker of its oracle
+    (``KERASTUNER_ORACLE_PORT`` of this process) that gets what is left of ``deadline`` (``time.monotonic()``)."""
+    flags = to_flags(base, exclude=(*TUNE_EXCLUDED, "max_minutes"))
+    flags += to_flags(search, exclude=("workers", "recycle_after", "overwrite", "tuner_id", "oracle_ip", "oracle_port"))
+    if deadline is not None:
+        flags += ["--max-minutes", repr(max(1e-6, (deadline - time.monotonic()) / 60.0))]
+    where = ["--tuner-id", tuner_id, "--oracle-ip", LOCALHOST, "--oracle-port", os.environ["KERASTUNER_ORACLE_PORT"]]
+    return [sys.executable, "-m", "em_unet.cli", "tune", *flags, *where]
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def tune(base: TrainConfig, search: SearchConfig | None = None, verbose: int = 1) -> dict:
     """Run (or resume) a search; write ``results.csv``; export the best model. Returns where things went.
 
@@ -331,9 +405,39 @@ def tune(base: TrainConfig, search: SearchConfig | None = None, verbose: int = 1
     trials. All of them need the same ``logs_dir`` (a shared filesystem across machines). A worker
     silent for ``search.worker_timeout`` seconds (it sends a heartbeat every quarter of that) loses
     its trial to the others.
+
+    ``search.workers`` = N > 0: this process is the chief of N worker processes on this machine
+    (:class:`~em_unet.distribute.WorkerPool`; it must be the main thread, which SIGINT or SIGTERM stop
+    together with the workers). Each worker process runs ``search.recycle_after`` trials, then a fresh
+    one takes its place; their output goes to ``logs_dir/tune/<project>/workers/``. A worker that leaves
+    (recycled) returns ``{"role": "worker", "recycled": trials, ...}``.
     """
     search = search or search_settings()
+    if not search.workers:
+        return _tune(base, search, verbose)
+    if threading.current_thread() is not threading.main_thread():
+        raise EmUnetError("tune with workers runs in the main thread (it stops them on Ctrl-C)")
+    inherited = [v for v in ORACLE_VARIABLES if os.environ.get(v)]
+    if inherited:
+        raise EmUnetError(
+            f"--workers {search.workers} starts its own chief and workers on this machine: unset "
+            f"{', '.join(inherited)} (they join a search started elsewhere)"
+        )
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # so that `kill` also ends the workers
+    try:
+        set_tuner_role("chief", LOCALHOST, free_port())
+        return _tune(base, search, verbose)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        for variable in ORACLE_VARIABLES:
+            os.environ.pop(variable, None)
+
+
+def _tune(base: TrainConfig, search: SearchConfig, verbose: int) -> dict:
     role = set_tuner_role(search.tuner_id, search.oracle_ip, search.oracle_port)
+    recycle_after = int(os.environ.get(RECYCLE_VARIABLE) or 0) if role == "worker" else 0
+    if role == "worker" and os.environ.get(CHIEF_VARIABLE):
+        watch_chief(int(os.environ[CHIEF_VARIABLE]))
     if role == "worker" and search.overwrite:
         raise EmUnetError("--overwrite is for the chief: a worker would delete the search it joins")
     if resolve_strategy(base.strategy) == "multi-worker" and role != "worker":
@@ -347,6 +451,12 @@ def tune(base: TrainConfig, search: SearchConfig | None = None, verbose: int = 1
     if role != "worker":
         check_writable(run_dir / "search.json", overwrite=True)
         check_writable(Path(base.models_dir) / base.model_name / ".next-version")
+    gpus = len(tf.config.list_physical_devices("GPU"))
+    if search.workers and gpus:
+        try:
+            tf.config.set_visible_devices([], "GPU")  # the chief only serves the oracle: the GPUs are the workers'
+        except RuntimeError:  # pragma: no cover - TensorFlow already runs on them in this process
+            pass
     strategy = make_strategy(base.strategy)
     data = prepare_data(base)
     check_space_fits(space, base, data)
@@ -363,6 +473,7 @@ def tune(base: TrainConfig, search: SearchConfig | None = None, verbose: int = 1
             deadline,
             heartbeat_s=search.worker_timeout / 4 if role == "worker" else None,
             worker_timeout_s=search.worker_timeout if role == "chief" else None,
+            recycle_after=recycle_after,
         )
         if role != "worker":
             with atomic_output(run_dir / "search.json", overwrite=True) as tmp:
@@ -378,9 +489,37 @@ def tune(base: TrainConfig, search: SearchConfig | None = None, verbose: int = 1
                         indent=2,
                     )
                 )
-        tuner.search(
-            epochs=base.epochs, callbacks=[keras.callbacks.TensorBoard(str(run_dir / "tensorboard"))], verbose=verbose
-        )
+        pool = None
+        if search.workers:
+            pool = WorkerPool(
+                tuner.oracle,
+                search.workers,
+                lambda tuner_id: worker_command(base, search, tuner_id, deadline),
+                run_dir / "workers",
+                search.recycle_after,
+                gpus=gpus,
+            )
+        try:
+            if pool:
+                pool.start()
+            tuner.search(
+                epochs=base.epochs,
+                callbacks=[keras.callbacks.TensorBoard(str(run_dir / "tensorboard"))],
+                verbose=verbose,
+            )
+            if pool:
+                pool.search_returned()
+        except WorkerRecycled as left:
+            return {"role": role, "run_dir": run_dir, "recycled": left.args[0]}
+        except KeyboardInterrupt:
+            if pool and pool.error:  # the pool gave up on its workers and interrupted the search
+                raise pool.error from None
+            raise
+        finally:
+            if pool:
+                pool.stop()
+            if role == "chief":
+                tuner.oracle.close()
         if role == "worker":
             return {"role": role, "run_dir": run_dir}
         rows = results_table(tuner, base.epochs)

@@ -150,3 +150,39 @@ def test_a_chunked_volume_trains_on_the_same_crops_read_lazily(isbi_dir, tmp_pat
             assert np.array_equal(x0.numpy(), x1.numpy()) and np.array_equal(y0.numpy(), y1.numpy())
     with pytest.raises(EmUnetError, match="give both the images and the labels as chunked volumes"):
         prepare_data(TrainConfig(data=f"{tmp_path}/v.zarr/raw", labels=str(tmp_path / "lab.tif"), **common))
+
+
+def test_validation_epochs_always_include_the_first_and_the_last():
+    from em_unet.assembly import validation_epochs
+
+    assert validation_epochs(1, 10, 4) == [1, 4, 8, 10]
+    assert validation_epochs(1, 8, 4) == [1, 4, 8]
+    assert validation_epochs(1, 1, 4) == [1]
+    assert validation_epochs(1, 3, 1) == [1, 2, 3]
+    assert validation_epochs(6, 14, 5) == [6, 10, 14]  # a Hyperband trial resumed at epoch 6
+
+
+def test_early_stopping_patience_counts_whole_validation_periods():
+    from em_unet.assembly import ValidatedEarlyStopping, run_callbacks
+
+    def patience(early_stopping, val_every):
+        config = TrainConfig(data="a.tif", labels="b.tif", early_stopping=early_stopping, val_every=val_every)
+        (stopper,) = [c for c in run_callbacks(config) if isinstance(c, ValidatedEarlyStopping)]
+        return stopper.patience
+
+    assert [patience(1, 1), patience(3, 1), patience(1, 4), patience(4, 4), patience(5, 4)] == [1, 3, 1, 1, 2]
+
+
+def test_history_has_an_entry_for_every_epoch_in_each_validation_metric():
+    from em_unet.assembly import epoch_aligned
+
+    history = keras.callbacks.History()
+    history.epoch = [0, 1, 2, 3, 4]
+    history.history = {"loss": [5.0, 4.0, 3.0, 2.0, 1.0], "val_loss": [4.5, 2.5, 1.5]}
+    aligned = epoch_aligned(history, [1, 4, 5]).history
+    assert aligned["loss"] == [5.0, 4.0, 3.0, 2.0, 1.0]
+    assert np.isnan(aligned["val_loss"]).tolist() == [False, True, True, False, False]
+    assert [aligned["val_loss"][i] for i in (0, 3, 4)] == [4.5, 2.5, 1.5]
+    stopped = keras.callbacks.History()  # early stopping after epoch 3 of a fit validating 1, 2 and 4
+    stopped.epoch, stopped.history = [0, 1, 2], {"loss": [3.0, 2.0, 1.0], "val_loss": [3.5, 2.5]}
+    assert np.isnan(epoch_aligned(stopped, [1, 2, 4]).history["val_loss"]).tolist() == [False, False, True]

@@ -17,7 +17,9 @@ from em_unet.predict import (
     load_predictor,
     predict_file,
     predict_slice,
+    predict_stack,
     resolve_model_path,
+    tile_grid,
 )
 
 
@@ -57,6 +59,69 @@ def test_auto_tile_is_the_whole_slice_where_it_fits_and_tiles_beyond():
     shapes.clear()
     assert np.allclose(predict_slice(identity, tall[:100], margin=16, overlap=8, tta=True), tall[:100], atol=1e-6)
     assert sorted(set(shapes)) == [(96, 160), (160, 96)] and len(shapes) == 8  # one tile, 8 flips/rotations
+
+
+class CountingPredictor:
+    """The tiny model's predictions, recording the shape of every forward pass."""
+
+    def __init__(self, model):
+        self.model, self.calls = model, []
+
+    def __call__(self, tiles):
+        self.calls.append(tiles.shape)
+        return self.model.predict(tiles, verbose=0)
+
+
+def test_slices_smaller_than_a_tile_share_forward_passes(tiny_model):
+    stack = np.random.default_rng(2).random((5, 60, 52)).astype(np.float32)
+    one_by_one = [predict_slice(lambda t: tiny_model.predict(t, verbose=0), s, margin=16, tile_batch=1) for s in stack]
+    for tile_batch, passes in ((3, [3, 2]), (5, [5]), (8, [5])):
+        predictor = CountingPredictor(tiny_model)
+        shared = list(predict_stack(predictor, stack, margin=16, tile_batch=tile_batch))
+        assert [shape[0] for shape in predictor.calls] == passes
+        assert len(shared) == 5 and all(a.shape == (60, 52) for a in shared)
+        assert max(np.abs(a - b).max() for a, b in zip(shared, one_by_one)) < 1e-5
+
+
+def test_tiles_of_a_slice_larger_than_a_tile_are_batched_with_the_next_slices(tiny_model):
+    stack = np.random.default_rng(3).random((3, 100, 70)).astype(np.float32)
+    predictor = CountingPredictor(tiny_model)
+    shared = list(predict_stack(predictor, stack, tile=48, margin=8, overlap=4, tile_batch=5))
+    single = [predict_slice(lambda t: tiny_model.predict(t, verbose=0), s, 48, 8, 4, tile_batch=1) for s in stack]
+    per_slice = len(tile_grid(100, 70, 48, 8, 4).origins())
+    assert per_slice == 12  # 4 rows x 3 columns
+    assert [shape[0] for shape in predictor.calls] == [5] * 7 + [1]  # full batches across slice boundaries
+    assert max(np.abs(a - b).max() for a, b in zip(shared, single)) < 1e-5
+
+
+def test_slices_are_read_only_one_batch_ahead():
+    taken = []
+
+    def slices():
+        for i in range(100):
+            taken.append(i)
+            yield np.full((30, 30), i / 100, np.float32)
+
+    results = predict_stack(lambda t: t, slices(), margin=8, tile_batch=4)
+    first = next(results)
+    assert np.allclose(first, 0.0) and len(taken) <= 5
+    rest = list(results)
+    assert len(rest) == 99 and np.allclose(rest[-1], 0.99)
+
+
+def test_tta_batches_the_views_and_averages_them(tiny_model):
+    image = np.random.default_rng(4).random((40, 56)).astype(np.float32)  # one tile of 64 x 64 px: square
+    predictor = CountingPredictor(tiny_model)
+    averaged = predict_slice(predictor, image, margin=4, tile_batch=8, tta=True)
+    assert predictor.calls == [(8, 64, 64, 1)]  # the 8 views in one forward pass
+    padded = np.pad(image, ((4, 20), (4, 4)), mode="reflect")[None, ..., None]
+    views = [_dihedral(tiny_model.predict(_dihedral(padded, k), verbose=0), k, inverse=True) for k in range(8)]
+    expected = np.mean(views, axis=0)[0, 4:44, 4:60, 0]
+    assert np.abs(averaged - expected).max() < 1e-5
+    predictor = CountingPredictor(tiny_model)
+    wide = np.random.default_rng(5).random((40, 70)).astype(np.float32)
+    predict_slice(predictor, wide, margin=4, tile_batch=8, tta=True)  # one tile of 64 x 96 px: not square
+    assert sorted(shape[:3] for shape in predictor.calls) == [(4, 64, 96), (4, 96, 64)]
 
 
 def test_dihedral_inverse():

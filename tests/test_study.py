@@ -172,3 +172,18 @@ def test_quick_study_end_to_end_resumes_and_keeps_what_it_finished(isbi_dir, tmp
         clash
     )
     assert (root / "depth" / "depth-3" / "history.csv").read_text() == before
+
+
+def test_a_finished_run_from_before_a_setting_existed_is_not_a_clash(tmp_path):
+    from em_unet.config import TrainConfig
+    from em_unet.study import Variant, _check_finished_matches
+
+    config = TrainConfig(data="a.tif", labels="b.tif", logs_dir=str(tmp_path), run_name="v", epochs=2, val_every=1)
+    variant = Variant("lr", "lr 1e-3", 1e-3, config)
+    variant.run_dir.mkdir()
+    recorded = {k: v for k, v in config.to_dict().items() if k != "val_every"}  # written before --val-every
+    (variant.run_dir / "config.json").write_text(json.dumps(recorded))
+    _check_finished_matches(variant)
+    (variant.run_dir / "config.json").write_text(json.dumps({**recorded, "epochs": 3}))
+    with pytest.raises(EmUnetError, match="epochs: 3 there, 2 now"):
+        _check_finished_matches(variant)

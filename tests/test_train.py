@@ -133,3 +133,44 @@ def test_train_on_a_zarr_volume(stack, capsys):
     ]
     assert cli.main([str(a) for a in argv]) == 0, capsys.readouterr().err
     assert (stack / "logs" / "z" / "scores.json").exists() and (stack / "models" / "em_unet" / "1").is_dir()
+
+
+def test_val_every_validates_the_first_every_nth_and_the_last_epoch(stack, capsys, tmp_path):
+    """--val-every 2 over 5 epochs: validations after epochs 1, 2, 4 and 5; the others are "not measured" in
+    history.csv and NaN in the history read back (from the CSV and from TensorBoard alike); plots join the rest."""
+    from em_unet.history import read_history
+    from em_unet.plot import plot_runs
+
+    argv = [
+        "train",
+        *TINY,
+        "--epochs",
+        "5",
+        "--val-every",
+        "2",
+        "--data",
+        stack / "img.tif",
+        "--labels",
+        stack / "lab.tif",
+        "--val-slices",
+        "2-2",
+        "--logs-dir",
+        stack / "logs",
+        "--run-name",
+        "sparse",
+        "--models-dir",
+        stack / "models",
+    ]
+    assert cli.main([str(a) for a in argv]) == 0, capsys.readouterr().err
+    run = stack / "logs" / "sparse"
+    rows = (run / "history.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    val_column = [row.split(",")[header.index("val_loss")] for row in rows[1:]]
+    assert len(val_column) == 5 and val_column[2] == "NA" and "NA" not in val_column[:2] + val_column[3:]
+    from_csv = read_history(run)
+    assert np.isnan(from_csv["val_loss"]).tolist() == [False, False, True, False, False]
+    (run / "history.csv").rename(tmp_path / "kept.csv")
+    from_events = read_history(run)
+    assert np.isnan(from_events["val_loss"]).tolist() == [False, False, True, False, False]
+    assert np.allclose(from_events["val_loss"][[0, 1, 3, 4]], from_csv["val_loss"][[0, 1, 3, 4]], rtol=1e-5)
+    assert plot_runs(run, tmp_path / "plots")

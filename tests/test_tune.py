@@ -1,5 +1,6 @@
 import csv
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -236,9 +237,11 @@ def test_tune_honours_epochs_early_stopping_and_max_minutes(isbi_dir, tmp_path):
     )
     assert tiny_tune(tmp_path, "epochs", "--search-space", fixed, "--epochs", "3") == 0
     assert epochs_run(tmp_path, "epochs") == [3, 3]
-    # val_loss cannot improve, so patience 1 stops each trial after its second epoch
-    assert tiny_tune(tmp_path, "patience", "--search-space", fixed, "--epochs", "4", "--early-stopping", "1") == 0
-    assert epochs_run(tmp_path, "patience") == [2, 2]
+    # val_loss cannot improve; validations after epochs 1, 2, 4 and 6; patience 3 epochs = 2 validations:
+    # each trial stops after its fourth epoch
+    patience = ["--epochs", "6", "--val-every", "2", "--early-stopping", "3"]
+    assert tiny_tune(tmp_path, "patience", "--search-space", fixed, *patience) == 0
+    assert epochs_run(tmp_path, "patience") == [4, 4]
     # a limit that passes before the first trial: no trial starts, nothing is exported
     assert tiny_tune(tmp_path, "minutes", "--search-space", fixed, "--epochs", "5", "--max-minutes", "0.0001") == 2
     assert epochs_run(tmp_path, "minutes") == []
@@ -284,3 +287,100 @@ def test_tune_does_not_offer_run_name(capsys):
     with pytest.raises(SystemExit) as exit_:
         cli.main(["tune", "--data", "a", "--labels", "b", "--run-name", "x"])
     assert exit_.value.code == 2 and "unrecognized arguments: --run-name" in capsys.readouterr().err
+
+
+def run_hyperband_oracle(folder, max_epochs, factor):
+    """Drive KerasTuner's own Hyperband oracle (our mixin on it) to its end, as one worker would, with
+    made-up scores: the trials and epochs it actually hands out."""
+    import random
+
+    import keras_tuner as kt
+
+    from em_unet.distribute import oracle_class
+
+    oracle = oracle_class(kt.oracles.HyperbandOracle)(
+        objective="val_loss", max_epochs=max_epochs, factor=factor, seed=1, log=lambda *a, **k: None
+    )
+    oracle.hyperparameters.Float("learning_rate", 1e-5, 1e-3, sampling="log")
+    oracle._set_project_dir(str(folder), "hb")
+    trials = epochs = 0
+    while True:
+        trial = oracle.create_trial("tuner0")
+        if trial.status == "STOPPED":
+            break
+        values = trial.hyperparameters.values
+        trials, epochs = trials + 1, epochs + values["tuner/epochs"] - values["tuner/initial_epoch"]
+        oracle.update_trial(trial.trial_id, {"val_loss": random.random()})
+        trial.status = "COMPLETED"
+        oracle.end_trial(trial)
+    return oracle, trials, epochs
+
+
+@pytest.mark.parametrize("max_epochs, factor", [(40, 3), (2, 2), (9, 3), (10, 4), (1, 3)])
+def test_hyperband_size_is_what_keras_tuner_runs(tmp_path, max_epochs, factor):
+    oracle, trials, epochs = run_hyperband_oracle(tmp_path, max_epochs, factor)
+    assert oracle.search_size() == (trials, epochs)
+
+
+def test_default_search_size():
+    import keras_tuner as kt
+
+    from em_unet.config import TrainConfig
+    from em_unet.distribute import oracle_class
+
+    search = load_search_space(None)["tuner"]
+    epochs = TrainConfig.field("epochs").default
+    oracle = oracle_class(kt.oracles.HyperbandOracle)(
+        objective="val_loss", max_epochs=epochs, factor=search["hyperband_factor"], log=lambda *a, **k: None
+    )
+    assert oracle.search_size() == (90, 754)  # the README's figures
+
+
+def test_settings_round_trip_through_flags():
+    from em_unet import cli
+    from em_unet.config import TUNE_EXCLUDED, SearchConfig, TrainConfig, from_args, to_flags
+
+    base = TrainConfig(
+        data="a.tif",
+        labels="b.tif",
+        val_slices=(3, 4),
+        augment=False,
+        batch_norm=True,
+        lr_schedule="cosine",
+        learning_rate=1e-4,
+    )
+    search = SearchConfig(algorithm="random", max_trials=5, workers=2, worker_timeout=30.5, project="p")
+    args = cli.build_parser().parse_args(["tune", *to_flags(base, TUNE_EXCLUDED), *to_flags(search)])
+    assert from_args(TrainConfig, args) == base and from_args(SearchConfig, args) == search
+
+
+@pytest.mark.slow
+def test_tune_prints_trial_k_of_the_hyperband_total(isbi_dir, tmp_path, capsys):
+    small_isbi(isbi_dir, tmp_path, slices=3, size=32)
+    # --epochs 2, factor 2: brackets of 2 + 1 trials (1 epoch, then 1 more) and 2 trials of 2 epochs
+    assert tiny_tune(tmp_path, "hb", "--tuner", "hyperband", "--hyperband-factor", "2", "--epochs", "2") == 0
+    out = capsys.readouterr().out
+    assert len(trial_values(tmp_path, "hb")) == 5
+    progress = re.findall(r"em-unet: trial (\d+) of (\d+) finished .*per epoch\); (\d+) epochs left; about", out)
+    assert [(int(k), int(n)) for k, n, _ in progress] == [(k, 5) for k in range(1, 6)]
+    assert int(progress[-1][2]) == 0
+
+
+def test_keras_tuners_best_epoch_checkpoint_ignores_epochs_without_validation():
+    import keras
+    import keras_tuner as kt
+
+    from em_unet.tune import only_on_validated_epochs
+
+    class Checkpoint(keras.callbacks.Callback):  # KerasTuner's SaveBestEpoch saves when the objective is missing
+        objective = kt.Objective("val_loss", "min")
+        saved: list[int] = []
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.saved.append(epoch)
+
+    checkpoint = Checkpoint()
+    only_on_validated_epochs(checkpoint)
+    for epoch, logs in enumerate([{"loss": 1, "val_loss": 1}, {"loss": 0.9}, {"loss": 0.8, "val_loss": 0.7}]):
+        checkpoint.on_epoch_end(epoch, logs)
+    assert checkpoint.saved == [0, 2]
