@@ -381,7 +381,7 @@ class TrainConfig(Settings):
     val_every: int = setting(
         4,
         "validate every N epochs, and always after the first and the last; best.keras and "
-        "--early-stopping see the validated epochs (a validation costs about a tenth of an epoch "
+        "--early-stopping see the validated epochs (a validation costs about a quarter of a training epoch "
         "at the defaults)",
         group="optimisation",
         minimum=1,

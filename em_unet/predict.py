@@ -10,6 +10,7 @@ predicted and written one at a time.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -170,6 +171,14 @@ def _ramp(side: int, margin: int, overlap: int) -> np.ndarray:
     return np.clip((from_edge - margin + 1) / (overlap + 1), 0.0, 1.0)
 
 
+@functools.lru_cache(maxsize=8)
+def _tile_weight(tile_h: int, tile_w: int, margin: int, overlap: int, views: int) -> np.ndarray:
+    """The blending weight of one of ``views`` outputs of a tile (the same for every slice of a stack: made once)."""
+    weight = np.outer(_ramp(tile_h, margin, overlap), _ramp(tile_w, margin, overlap)) / views
+    weight.flags.writeable = False
+    return weight
+
+
 AUTO_TILE_MAX = 1024  # px: the largest tile side "auto" picks; larger slices are tiled
 TILE_MULTIPLE = 32  # px: auto tiles suit U-Nets up to depth 5
 
@@ -269,9 +278,7 @@ class _Blend:
         bottom = max(r for r, _ in self.origins) + grid.tile_h
         right = max(c for _, c in self.origins) + grid.tile_w
         self.padded = read_padded(self.top, bottom, self.left, right)
-        self.window = np.outer(
-            _ramp(grid.tile_h, grid.margin, grid.overlap), _ramp(grid.tile_w, grid.margin, grid.overlap)
-        )
+        self.window = _tile_weight(grid.tile_h, grid.tile_w, grid.margin, grid.overlap, views)
         self.total = np.zeros((bottom - self.top, right - self.left), np.float32)
         self.weight = np.zeros_like(self.total)
         self.waiting = len(self.origins) * views  # tile outputs not yet added
@@ -280,11 +287,10 @@ class _Blend:
         r, c = origin[0] - self.top, origin[1] - self.left
         return self.padded[r : r + self.grid.tile_h, c : c + self.grid.tile_w]
 
-    def add(self, origin: tuple[int, int], probability: np.ndarray, share: float) -> None:
+    def add(self, origin: tuple[int, int], probability: np.ndarray) -> None:
         r, c = origin[0] - self.top, origin[1] - self.left
-        window = self.window * share if share != 1.0 else self.window
-        self.total[r : r + self.grid.tile_h, c : c + self.grid.tile_w] += probability * window
-        self.weight[r : r + self.grid.tile_h, c : c + self.grid.tile_w] += window
+        self.total[r : r + self.grid.tile_h, c : c + self.grid.tile_w] += probability * self.window
+        self.weight[r : r + self.grid.tile_h, c : c + self.grid.tile_w] += self.window
         self.waiting -= 1
 
     def result(self) -> np.ndarray:
@@ -310,7 +316,6 @@ def predict_regions(
     batched like tiles and their outputs averaged.
     """
     views = (0, 2, 4, 6, 1, 3, 5, 7) if tta else (0,)  # odd views turn a quarter: same shapes together
-    share = 1.0 / len(views)
     pending: list[_Blend] = []  # regions in order, the oldest first; each is yielded when complete
     batch: list[tuple[_Blend, tuple[int, int], int, tuple[int, int]]] = []  # (region, tile origin, view, shape)
 
@@ -318,7 +323,7 @@ def predict_regions(
         tiles = np.stack([_dihedral(blend.tile(origin)[None, ..., None], k)[0] for blend, origin, k, _ in batch])
         out = predictor(np.ascontiguousarray(tiles))
         for (blend, origin, k, _), probability in zip(batch, out):
-            blend.add(origin, _dihedral(probability[None], k, inverse=True)[0, ..., 0], share)
+            blend.add(origin, _dihedral(probability[None], k, inverse=True)[0, ..., 0])
 
     def finished():
         while pending and pending[0].waiting == 0:

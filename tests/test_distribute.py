@@ -480,3 +480,37 @@ def test_trial_cost_separates_building_a_model_from_training_an_epoch():
     assert trial_cost([(2, 30.0), (5, 45.0), (14, 90.0)]) == pytest.approx((20.0, 5.0))
     assert trial_cost([(2, 20.0), (2, 24.0)]) == (0.0, 11.0)  # one length: no way to tell the two apart
     assert trial_cost([(2, 30.0), (5, 20.0)]) == (0.0, 50.0 / 7)  # a falling fit is noise: per epoch only
+
+
+CHILD_OF_A_CHIEF = """
+import os, subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c", '''
+import os, time
+from em_unet.distribute import watch_chief
+watch_chief(os.getppid(), interval_s=0.2)
+print("watching", flush=True)
+time.sleep(120)
+'''], stdout=sys.stdout)
+print(child.pid, flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_worker_stops_when_its_chief_is_gone():
+    chief = subprocess.Popen([sys.executable, "-c", CHILD_OF_A_CHIEF], stdout=subprocess.PIPE, text=True)
+    worker = int(chief.stdout.readline())
+    assert chief.stdout.readline().strip() == "watching"
+    chief.kill()
+    chief.wait()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            state = open(f"/proc/{worker}/stat").read().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            break  # gone
+        if state == "Z":
+            break  # ended, not yet reaped
+        time.sleep(0.1)
+    else:
+        os.kill(worker, signal.SIGKILL)
+        pytest.fail("the worker kept running after its chief was killed")
