@@ -34,6 +34,7 @@ import numpy as np
 from em_unet.config import PredictConfig, check_prediction_settings
 from em_unet.data import scale_to_unit, volume_intensity_range
 from em_unet.errors import DataError, EmUnetError
+from em_unet.machine import cpu_cores, threads_per_worker
 from em_unet.predict import TILE_MULTIPLE
 
 DEFAULT_BLOCK_PX = 512  # block side (pixels) when the input's chunks do not suggest one
@@ -235,13 +236,12 @@ def dask_client(scheduler: str | None = None, workers: int | None = None) -> Ite
 def _local_worker_count() -> int:
     import tensorflow as tf
 
-    return len(tf.config.list_physical_devices("GPU")) or os.cpu_count() or 1
+    return len(tf.config.list_physical_devices("GPU")) or cpu_cores()
 
 
 def _threads_per_worker(client) -> int:
     """CPU threads for each worker's TensorFlow: the machine's cores shared among the local workers."""
-    workers = len(client.scheduler_info().get("workers", {})) or 1
-    return max(1, (os.cpu_count() or 1) // workers)
+    return threads_per_worker(len(client.scheduler_info().get("workers", {})))
 
 
 # ---------------------------------------------------------------- predicting a volume

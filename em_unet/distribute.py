@@ -21,6 +21,7 @@ from keras_tuner.engine.trial import Trial, TrialStatus
 
 from em_unet.config import STRATEGIES
 from em_unet.errors import EmUnetError
+from em_unet.machine import threads_per_worker
 
 
 def tf_config() -> dict:
@@ -379,14 +380,6 @@ def free_port(host: str = LOCALHOST) -> int:
         return probe.getsockname()[1]
 
 
-def cpu_cores() -> int:
-    """The cores this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
-
-
 def worker_environment(index: int, count: int, gpus: int) -> dict[str, str]:
     """What worker ``index`` of ``count`` runs on: one GPU (``CUDA_VISIBLE_DEVICES``) when there are
     ``gpus``, else its share of the cores for TensorFlow's thread pools and OpenMP. Variables the user
@@ -395,7 +388,7 @@ def worker_environment(index: int, count: int, gpus: int) -> dict[str, str]:
         visible = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
         ids = visible or [str(i) for i in range(gpus)]
         return {"CUDA_VISIBLE_DEVICES": ids[index % len(ids)]}
-    threads = str(max(1, cpu_cores() // count))
+    threads = str(threads_per_worker(count))
     names = ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS", "OMP_NUM_THREADS")
     return {name: os.environ.get(name, threads) for name in names}
 

@@ -24,6 +24,19 @@ def cpu_flags() -> set[str]:
     return set(_cpuinfo().get("flags", "").split())
 
 
+def cpu_cores() -> int:
+    """The cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def threads_per_worker(workers: int) -> int:
+    """CPU threads for each of ``workers`` local worker processes: this machine's cores shared among them."""
+    return max(1, cpu_cores() // max(1, workers))
+
+
 def machine_description() -> str:
     """E.g. ``Intel(R) Xeon(R) Processor, 2 cores, AMX-BF16, TensorFlow 2.21.0, no GPU``."""
     import tensorflow as tf
@@ -34,7 +47,7 @@ def machine_description() -> str:
     return ", ".join(
         [
             model,
-            f"{os.cpu_count()} cores",
+            f"{cpu_cores()} cores",
             *bf16,
             f"TensorFlow {tf.__version__}",
             f"{len(gpus)} GPU" if gpus else "no GPU",

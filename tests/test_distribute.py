@@ -460,7 +460,8 @@ def test_tune_workers_that_keep_failing_end_the_search_with_one_line(isbi_dir, t
 
 
 def test_workers_split_the_cores_without_gpus(monkeypatch):
-    from em_unet.distribute import cpu_cores, worker_environment
+    from em_unet.distribute import worker_environment
+    from em_unet.machine import cpu_cores
 
     for name in ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS", "OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES"):
         monkeypatch.delenv(name, raising=False)
