@@ -303,19 +303,21 @@ def cmd_evaluate(args) -> int:
         options.label_convention,
         segments=True if options.segments else None,
     )
-    if scores["kind"] == "segments":
-        print(
-            f"V_rand      {scores['v_rand']:.4f}  (split {scores['v_rand_split']:.4f}, "
-            f"merge {scores['v_rand_merge']:.4f})"
-        )
-        print(
-            f"V_info      {scores['v_info']:.4f}  (split {scores['v_info_split']:.4f}, "
-            f"merge {scores['v_info_merge']:.4f})"
-        )
-    else:
-        print(f"V_rand      {scores['v_rand']:.4f}  (threshold {scores['v_rand_threshold']:.1f})")
-        print(f"V_info      {scores['v_info']:.4f}  (threshold {scores['v_info_threshold']:.1f})")
-        print(f"pixel error {scores['pixel_error']:.4f}  (threshold {scores['pixel_error_threshold']:.1f})")
+    at = "" if scores["kind"] == "segments" else "  at threshold {:.1f}"
+    print(
+        f"V_rand      {scores['v_rand']:.4f}  (split {scores['v_rand_split']:.4f}, merge {scores['v_rand_merge']:.4f})"
+        + at.format(scores.get("v_rand_threshold", 0))
+    )
+    print(
+        f"V_info      {scores['v_info']:.4f}  (split {scores['v_info_split']:.4f}, merge {scores['v_info_merge']:.4f})"
+        + at.format(scores.get("v_info_threshold", 0))
+    )
+    if scores["kind"] != "segments":
+        print(f"pixel error {scores['pixel_error']:.4f}" + at.format(scores["pixel_error_threshold"]))
+    print(
+        f"(means over {scores['slices']} slices, as the ISBI 2012 challenge scores; "
+        f"V_rand pooled over slices {scores['v_rand_pooled']:.4f})"
+    )
     if options.output:
         with atomic_output(options.output, options.overwrite) as tmp:
             tmp.write_text(json.dumps(scores, indent=2))

@@ -7,6 +7,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 REPO = Path(__file__).resolve().parents[1]
 ISBI_DIR = Path(os.environ.get("EM_UNET_ISBI_DIR", REPO.parent / "shared" / "data" / "isbi2012"))
+FIJI_REFERENCE_DIR = Path(
+    os.environ.get("EM_UNET_FIJI_REFERENCE_DIR", REPO.parent / "shared" / "data" / "fiji-reference")
+)
 
 
 @pytest.fixture(scope="session")
@@ -16,3 +19,12 @@ def isbi_dir() -> Path:
     if missing:
         pytest.fail(f"ISBI 2012 data not found in {ISBI_DIR} (missing {missing}); set EM_UNET_ISBI_DIR")
     return ISBI_DIR
+
+
+@pytest.fixture(scope="session")
+def fiji_reference_dir() -> Path:
+    """Three membrane maps with the scores Fiji's own Java code gives them (set EM_UNET_FIJI_REFERENCE_DIR
+    to use another copy). Never downloaded."""
+    if not (FIJI_REFERENCE_DIR / "fiji-scores.json").exists():
+        pytest.fail(f"Fiji reference scores not found in {FIJI_REFERENCE_DIR}; set EM_UNET_FIJI_REFERENCE_DIR")
+    return FIJI_REFERENCE_DIR

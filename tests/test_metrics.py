@@ -31,8 +31,10 @@ def test_hand_computed_merge():
     assert scores["v_rand_split"] == pytest.approx(1.0)  # 0.5 / 0.5
     assert scores["v_rand_merge"] == pytest.approx(0.5)  # 0.5 / 1
     assert scores["v_rand"] == pytest.approx(2 / 3)
-    assert scores["v_info_split"] == pytest.approx(1.0)  # H(S) = 0: nothing split
-    assert scores["v_info_merge"] == pytest.approx(0.0)  # I = 0
+    # H(S) = 0 (one segment): Fiji's foregroundRestrictedFscore sets precision 1, recall 0 -> V_info 0
+    assert scores["v_info_split"] == pytest.approx(0.0)
+    assert scores["v_info_merge"] == pytest.approx(1.0)
+    assert scores["v_info"] == 0.0
 
 
 def test_hand_computed_split_with_boundary_singletons():
@@ -139,7 +141,7 @@ def test_thinning_floods_the_binary_proposal_not_the_probabilities():
     assert split_merge_scores(continuous, truth_segments(target))["v_rand"] == pytest.approx(1.0)
 
 
-def test_scores_pool_pair_counts_over_slices_as_fiji_does():
+def test_stack_scores_average_slices_as_the_challenge_does():
     # slice 1: truth one cell of 4 px, proposal two of 2 px -> tp 8, fp 0, fn 8 (split 0.5)
     # slice 2: truth one cell of 2 px, proposal the same -> tp 4, fp 0, fn 0 (split 1)
     first = split_merge_scores(np.array([[1, 1, 2, 2]]), np.array([[1, 1, 1, 1]]))
@@ -147,10 +149,141 @@ def test_scores_pool_pair_counts_over_slices_as_fiji_does():
     target = np.zeros((2, 1, 4), np.float32)
     target[1, 0, 2:] = 1  # slice 2: membrane on its right half
     segments = np.array([[[1, 1, 2, 2]], [[3, 3, 0, 0]]])
-    pooled = evaluate_segments(segments, target)
-    assert pooled["v_rand_split"] == pytest.approx(12 / 20)  # not the mean of 0.5 and 1
-    assert pooled["v_rand_merge"] == pytest.approx(1.0)
-    assert pooled["v_rand"] == pytest.approx(2 * 0.6 / 1.6)
+    scores = evaluate_segments(segments, target)
+    assert scores["v_rand_split"] == pytest.approx(0.75)  # the mean of 0.5 and 1
+    assert scores["v_rand_merge"] == pytest.approx(1.0)
+    assert scores["v_rand"] == pytest.approx((2 * 0.5 / 1.5 + 1.0) / 2)  # the mean of the slices' F-scores
+    assert [row["v_rand"] for row in scores["per_slice"]] == pytest.approx([2 / 3, 1.0])
+    assert scores["v_rand_pooled"] == pytest.approx(2 * 0.6 / 1.6)  # counts summed first: split 12 / 20
+
+
+def fiji_reference_cases(reference_dir):
+    import json
+
+    import tifffile
+
+    from em_unet.data import membrane_target
+    from em_unet.metrics import as_probability
+
+    for name, expected in json.loads((reference_dir / "fiji-scores.json").read_text()).items():
+        probability = as_probability(tifffile.imread(reference_dir / name), name, np.float64)
+        target = membrane_target(tifffile.imread(reference_dir / expected["labels"]))
+        yield name, probability, target, expected
+
+
+def test_evaluate_reproduces_every_number_fiji_gives_for_the_reference_maps(fiji_reference_dir):
+    checked = 0
+    for name, probability, target, expected in fiji_reference_cases(fiji_reference_dir):
+        scores = evaluate_stack(probability, target)
+        for key in ("v_rand", "v_rand_pooled", "v_info"):
+            assert scores[key] == pytest.approx(expected[key], abs=1e-4), (name, key)
+            fiji = expected["per_threshold"][key]
+            assert [row["threshold"] for row in scores["per_threshold"]] == pytest.approx([t for t, _ in fiji])
+            ours = [row[key] for row in scores["per_threshold"]]
+            assert ours == pytest.approx([value for _, value in fiji], abs=1e-4), (name, key)
+            checked += 1 + len(fiji)
+    assert checked == 3 * 3 * 12
+
+
+def test_erased_membranes_score_as_fiji_not_as_pooled_counts(fiji_reference_dir):
+    """Map b merges cells in three slices: the per-slice mean and the pooled counts differ by 0.02."""
+    cases = {name: case for name, *case in fiji_reference_cases(fiji_reference_dir)}
+    probability, target, expected = cases["membrane-prob-b.tif"]
+    scores = evaluate_stack(probability, target)
+    assert scores["v_rand"] == pytest.approx(0.814566, abs=1e-6)
+    assert scores["v_rand"] - scores["v_rand_pooled"] > 0.02
+    assert np.mean([row["v_rand"] for row in scores["per_slice"]]) == pytest.approx(scores["v_rand"])
+
+
+def fiji_flooding_as_written(cell):
+    """Fiji's WatershedTransform2D.apply() on ``255 * ~cell``, transcribed line by line (slow; an oracle)."""
+    from collections import deque
+
+    image = np.where(cell, 0, 255).T  # Fiji's [x][y]
+    size1, size2 = image.shape
+    mask, wshed, init, inqueue = -2, 0, -1, -3
+    labels = np.full(image.shape, init)
+    pixels = sorted(((image[x, y], x, y) for x in range(size1) for y in range(size2)), key=lambda p: p[0])
+    steps = ((-1, 0), (0, -1), (1, 0), (0, 1))
+    current, flag, start = 0, False, 0
+    for h in sorted(set(int(v) for v in image.ravel())):
+        level = []
+        while start < len(pixels) and pixels[start][0] == h:
+            level.append(pixels[start][1:])
+            start += 1
+        fifo = deque()
+        for i, j in level:
+            labels[i, j] = mask
+            for du, dv in steps:
+                u, v = i + du, j + dv
+                if 0 <= u < size1 and 0 <= v < size2 and labels[u, v] >= wshed:
+                    fifo.append((i, j))
+                    labels[i, j] = inqueue
+                    break
+        while fifo:
+            i, j = fifo.popleft()
+            for du, dv in steps:
+                u, v = i + du, j + dv
+                if not (0 <= u < size1 and 0 <= v < size2):
+                    continue
+                if labels[u, v] > 0:
+                    if labels[i, j] == inqueue or (labels[i, j] == wshed and flag):
+                        labels[i, j] = labels[u, v]
+                    elif labels[i, j] > 0 and labels[i, j] != labels[u, v]:
+                        labels[i, j] = wshed
+                        flag = False
+                elif labels[u, v] == wshed:
+                    if labels[i, j] == inqueue:
+                        labels[i, j] = wshed
+                        flag = True
+                elif labels[u, v] == mask:
+                    labels[u, v] = inqueue
+                    fifo.append((u, v))
+        for i, j in level:
+            if labels[i, j] == mask:
+                current += 1
+                labels[i, j] = current
+                fifo.append((i, j))
+                while fifo:
+                    a, b = fifo.popleft()
+                    for du, dv in steps:
+                        u, v = a + du, b + dv
+                        if 0 <= u < size1 and 0 <= v < size2 and labels[u, v] == mask:
+                            labels[u, v] = current
+                            fifo.append((u, v))
+    return np.where(labels == init, 0, labels).T
+
+
+def same_partition(a, b):
+    """Equal label images up to the labels' values (0 kept as 0)."""
+    pairs = np.unique(np.stack([a.ravel(), b.ravel()]), axis=1)
+    return np.array_equal(a == 0, b == 0) and len(np.unique(pairs[0])) == pairs.shape[1] == len(np.unique(pairs[1]))
+
+
+def test_thinning_equals_fijis_flooding_transcribed_on_random_slices():
+    from em_unet.metrics import fiji_thinned_labels
+
+    rng = np.random.default_rng(3)
+    even_width = np.zeros((6, 10), bool)
+    even_width[:, :4] = even_width[:, 6:] = True  # a 2-px membrane: Fiji's line is on its second pixel
+    cases = [even_width, np.zeros((5, 7), bool), np.ones((5, 7), bool)]
+    for size in (8, 13, 24):
+        for density in (0.15, 0.4, 0.7):
+            cases.append(rng.random((size, size + 3)) < density)
+            smooth = ndimage_smooth(rng.random((size, size)), 1.5)
+            cases.append(smooth > np.quantile(smooth, density))
+    for cell in cases:
+        fiji = fiji_flooding_as_written(cell)
+        ours = fiji_thinned_labels(cell)
+        assert same_partition(ours, fiji), cell.astype(int)
+    line = fiji_thinned_labels(even_width)[0]
+    assert (line[:5] > 0).all() and line[5] == 0 and line[4] == line[0] != line[6]
+
+
+def ndimage_smooth(values, sigma):
+    from scipy import ndimage
+
+    return ndimage.gaussian_filter(values, sigma)
 
 
 def test_evaluate_segments_scores_perfect_labels_one_and_refuses_bad_labels():
