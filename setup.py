@@ -12,7 +12,8 @@ setup(
     packages=find_packages(include=["em_unet", "em_unet.*"]),
     package_data={"em_unet.tuning": ["*.toml"]},
     install_requires=[
-        # em_unet/keras_patches.py and the oracle extension in em_unet/distribute.py were checked on these.
+        # em_unet/training/keras_patches.py and the oracle extension in em_unet/training/distribute.py
+        # were checked on these.
         "keras>=3.13,<3.16",
         "keras-tuner>=1.4,<1.5",
         "tensorboard",

@@ -21,8 +21,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from em_unet.augment import AugmentConfig, augment_batch, import_elasticdeform  # noqa: E402
 from em_unet.machine import machine_description  # noqa: E402
+from em_unet.training.augment import AugmentConfig, augment_batch, import_elasticdeform  # noqa: E402
 
 
 def pairs_dataset(pairs: int, size: int) -> tf.data.Dataset:

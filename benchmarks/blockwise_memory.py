@@ -27,9 +27,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 
-from em_unet.blockwise import predict_volume  # noqa: E402
+from em_unet.inference.blockwise import predict_volume  # noqa: E402
+from em_unet.io.volumes import create_volume  # noqa: E402
 from em_unet.machine import machine_description  # noqa: E402
-from em_unet.volumes import create_volume  # noqa: E402
 
 
 def peak_rss_mb() -> float:
@@ -53,7 +53,7 @@ def main() -> None:
     import keras
     from distributed import Client, LocalCluster
 
-    from em_unet.model import build_unet
+    from em_unet.training.model import build_unet
 
     print(f"machine: {machine_description()}")
     folder = Path(tempfile.mkdtemp(prefix="em-unet-blockwise-"))

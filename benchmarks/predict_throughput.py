@@ -41,15 +41,15 @@ import tifffile  # noqa: E402
 from isbi_data import ISBI  # noqa: E402  (benchmarks/, beside this script)
 
 from em_unet.config import TrainConfig  # noqa: E402
-from em_unet.data import load_image_stack  # noqa: E402
-from em_unet.export import export_saved_model  # noqa: E402
+from em_unet.inference.export import export_saved_model  # noqa: E402
+from em_unet.inference.predict import keras_predictor, load_predictor, predict_stack  # noqa: E402
+from em_unet.io.stacks import load_image_stack  # noqa: E402
 from em_unet.machine import (
     machine_description,  # noqa: E402
     resolve_precision,
 )
-from em_unet.metrics import evaluate_stack  # noqa: E402
-from em_unet.model import build_unet  # noqa: E402
-from em_unet.predict import keras_predictor, load_predictor, predict_stack  # noqa: E402
+from em_unet.segmentation.metrics import evaluate_stack  # noqa: E402
+from em_unet.training.model import build_unet  # noqa: E402
 
 PREVIOUS_DEFAULTS = {"margin": 32, "tile_batch": 1}  # before sharing forward passes between slices
 VALIDATION_SLICES = slice(15, 20)
@@ -161,7 +161,7 @@ def main() -> None:
 
 def scores(model_path: str) -> dict[str, dict]:
     """Fiji's scores of ISBI training slices 15-19 at the defaults and at the previous defaults."""
-    from em_unet.data import membrane_target, read_stack
+    from em_unet.io.stacks import membrane_target, read_stack
 
     predictor = load_predictor(model_path)
     images = load_image_stack(ISBI / "train-volume.tif")[VALIDATION_SLICES]

@@ -7,7 +7,7 @@ different seeds), scored with Fiji's V_rand and V_info.
 
 Prints each map's own best-threshold scores, then the parameter sets sorted by their mean V_rand + V_info
 over the maps (each map's V_rand beside it), and the current defaults' row. A default that holds across
-models matters more than the peak on one: the defaults in `em_unet.segment.SegmentParams` are the third
+models matters more than the peak on one: the defaults in `em_unet.segmentation.watershed.SegmentParams` are the third
 row of this table on the two seeds of the README's quality recipe (README, "Quality"), 0.0005 below the
 best, which differs only in smoothing; the 1 px smoothing is kept for noisier maps.
 """
@@ -22,9 +22,9 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from em_unet.data import membrane_target, read_stack  # noqa: E402
-from em_unet.metrics import as_probability, evaluate_segments, evaluate_stack  # noqa: E402
-from em_unet.segment import SegmentParams, segment_stack  # noqa: E402
+from em_unet.io.stacks import membrane_target, read_stack  # noqa: E402
+from em_unet.segmentation.metrics import as_probability, evaluate_segments, evaluate_stack  # noqa: E402
+from em_unet.segmentation.watershed import SegmentParams, segment_stack  # noqa: E402
 
 SIGMAS = (0.0, 1.0, 2.0)
 SEED_THRESHOLDS = (0.02, 0.05, 0.1, 0.2, 0.3)

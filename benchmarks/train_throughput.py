@@ -43,7 +43,10 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from isbi_data import ISBI  # noqa: E402  (benchmarks/, beside this script)
 
-from em_unet.assembly import (  # noqa: E402
+from em_unet.config import TrainConfig  # noqa: E402
+from em_unet.io.stacks import training_dataset, validation_dataset  # noqa: E402
+from em_unet.machine import machine_description, precision_policy  # noqa: E402
+from em_unet.training.assembly import (  # noqa: E402
     build_model,
     fit,
     placement_for,
@@ -53,11 +56,8 @@ from em_unet.assembly import (  # noqa: E402
     steps_per_epoch,
     validation_epochs,
 )
-from em_unet.config import TrainConfig  # noqa: E402
-from em_unet.data import training_dataset, validation_dataset  # noqa: E402
-from em_unet.losses import get_loss  # noqa: E402
-from em_unet.machine import machine_description, precision_policy  # noqa: E402
-from em_unet.model import build_unet  # noqa: E402
+from em_unet.training.losses import get_loss  # noqa: E402
+from em_unet.training.model import build_unet  # noqa: E402
 
 
 def forward_flops(model: keras.Model, size: int) -> float:

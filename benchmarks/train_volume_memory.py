@@ -23,8 +23,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 import tifffile  # noqa: E402
 
+from em_unet.io.volumes import create_volume  # noqa: E402
 from em_unet.machine import machine_description  # noqa: E402
-from em_unet.volumes import create_volume  # noqa: E402
 
 TRAIN = [
     "--depth",

@@ -99,7 +99,7 @@ def _verbosity() -> int:
 
 
 def _segment_params(args):
-    from em_unet.segment import SegmentParams
+    from em_unet.segmentation.watershed import SegmentParams
 
     return from_args(SegmentParams, args)
 
@@ -108,7 +108,7 @@ def _segment_params(args):
 
 
 def cmd_augment_preview(args) -> int:
-    from em_unet.preview import augment_preview
+    from em_unet.training.preview import augment_preview
 
     config = from_args(TrainConfig, args)
     options = from_args(PreviewOptions, args)
@@ -128,7 +128,7 @@ def cmd_augment_preview(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from em_unet.train import train
+    from em_unet.training.train import train
 
     config = from_args(TrainConfig, args)
     result = train(config, verbose=_verbosity())
@@ -148,13 +148,13 @@ def cmd_train(args) -> int:
 
 
 def cmd_tune(args) -> int:
-    from em_unet.tune import search_settings, tune
+    from em_unet.training.tune import search_settings, tune
 
     base = from_args(TrainConfig, args)
     search = search_settings(given=given(args, SearchConfig))
     result = tune(base, search, verbose=_verbosity())
     if result.get("recycled"):
-        from em_unet.distribute import RECYCLE_STATUS
+        from em_unet.training.distribute import RECYCLE_STATUS
 
         print(f"worker leaves after {result['recycled']} trial(s): a fresh process takes its place")
         return RECYCLE_STATUS
@@ -178,8 +178,8 @@ def cmd_tune(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from em_unet.predict import predict_file
-    from em_unet.volumes import is_volume_address, parse_address
+    from em_unet.inference.predict import predict_file
+    from em_unet.io.volumes import is_volume_address, parse_address
 
     options = from_args(PredictConfig, args)
     volume = from_args(VolumeOptions, args)
@@ -194,7 +194,7 @@ def cmd_predict(args) -> int:
             f"OUT.h5:/KEY); {options.output} is written in one piece"
         )
     if options.segment:  # checked before the long prediction starts
-        from em_unet.segment import check_segment_outputs
+        from em_unet.segmentation.watershed import check_segment_outputs
 
         check_segment_outputs(options.segment, options.overwrite)
     path = predict_file(
@@ -212,7 +212,7 @@ def cmd_predict(args) -> int:
     )
     print(f"wrote {path}")
     if options.segment:
-        from em_unet.segment import segment_file
+        from em_unet.segmentation.watershed import segment_file
 
         segments, sidecar = segment_file(path, options.segment, params, overwrite=options.overwrite)
         print(f"wrote {segments} (parameters: {sidecar})")
@@ -220,8 +220,8 @@ def cmd_predict(args) -> int:
 
 
 def _predict_volume(options: PredictConfig, volume: VolumeOptions) -> int:
-    from em_unet.blockwise import predict_volume
-    from em_unet.volumes import is_volume_address
+    from em_unet.inference.blockwise import predict_volume
+    from em_unet.io.volumes import is_volume_address
 
     if not is_volume_address(options.stack):
         raise EmUnetError(
@@ -253,13 +253,13 @@ def _predict_volume(options: PredictConfig, volume: VolumeOptions) -> int:
 
 
 def cmd_segment(args) -> int:
-    from em_unet.segment import segment_file
-    from em_unet.volumes import is_volume_address, parse_address
+    from em_unet.io.volumes import is_volume_address, parse_address
+    from em_unet.segmentation.watershed import segment_file
 
     options = from_args(SegmentOptions, args)
     volume = from_args(VolumeOptions, args)
     if is_volume_address(options.output):
-        from em_unet.blockwise import segment_volume
+        from em_unet.inference.blockwise import segment_volume
 
         if not is_volume_address(options.probability):
             raise EmUnetError(
@@ -290,8 +290,8 @@ def cmd_segment(args) -> int:
 def cmd_evaluate(args) -> int:
     import json
 
-    from em_unet.metrics import evaluate_files
-    from em_unet.outputs import atomic_output, check_writable
+    from em_unet.io.files import atomic_output, check_writable
+    from em_unet.segmentation.metrics import evaluate_files
 
     options = from_args(EvaluateOptions, args)
     if options.output:
@@ -326,7 +326,7 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_study(args) -> int:
-    from em_unet.study import run_study
+    from em_unet.training.study import run_study
 
     settings = given(args, TrainConfig)
     for name, value in settings.items():  # the TOML supplies the rest; these are checked now, not per variant
@@ -356,7 +356,7 @@ def cmd_study(args) -> int:
 
 
 def cmd_plot(args) -> int:
-    from em_unet.plot import plot_runs
+    from em_unet.reporting.plot import plot_runs
 
     options = from_args(PlotOptions, args)
     for path in plot_runs(options.folder, options.output):
@@ -368,7 +368,7 @@ def cmd_plot(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from em_unet.segment import SegmentParams
+    from em_unet.segmentation.watershed import SegmentParams
 
     common = Parser(add_help=False)
     common.add_argument(
@@ -388,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def command(name, func, help, description, *settings):
         sub = commands.add_parser(name, help=help, description=description, parents=[common])
-        sub.set_defaults(uses_tensorflow=name != "plot")  # the others read stacks through em_unet.data
+        sub.set_defaults(uses_tensorflow=name != "plot")  # the others read stacks through em_unet.io.stacks
         for cls, options in settings:
             add_arguments(sub, cls, **options)
         sub.set_defaults(func=func)

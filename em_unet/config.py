@@ -485,8 +485,9 @@ class TrainConfig(Settings):
                 )
 
     def augment_config(self):
-        """The :class:`~em_unet.augment.AugmentConfig` this run trains with, or None when ``augment`` is off."""
-        from em_unet.augment import AugmentConfig
+        """The :class:`~em_unet.training.augment.AugmentConfig` this run trains with, or None when ``augment``
+        is off."""
+        from em_unet.training.augment import AugmentConfig
 
         if not self.augment:
             return None

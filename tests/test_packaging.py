@@ -52,7 +52,7 @@ def test_wheel_installed_in_a_fresh_venv_ships_its_tomls(tmp_path):
         [
             python,
             "-c",
-            "from em_unet.study import load_study; from em_unet.tune import load_search_space; "
+            "from em_unet.training.study import load_study; from em_unet.training.tune import load_search_space; "
             "s = load_study(); print(sorted(s['experiments'])); print(load_search_space()['space'])",
         ],
         capture_output=True,

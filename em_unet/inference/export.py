@@ -1,0 +1,204 @@
+"""Export for TF Serving: ``saved_models/<model_name>/<version>/`` with a ``serving_default`` signature.
+
+Input ``image``: float32 ``[batch, height, width, 1]`` in [0, 1] (sides multiples of
+``2**depth``); output ``membrane_probability``: float32, same shape. Versions are
+one above the highest numeric name in the model folder, written to a temporary
+folder and renamed, so an export never overwrites an earlier version nor leaves a
+half-written one. The Keras model is kept beside the SavedModel as ``model.keras``
+for fine-tuning.
+
+By default the export is a float32 copy of the model: a model trained under a
+``mixed_bfloat16`` / ``mixed_float16`` policy would otherwise compute in half
+precision inside the SavedModel, which CPUs without bfloat16 support and many GPUs
+serve slowly or not at all, and whose outputs differ from float32 by up to ~4e-3.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+from em_unet.config import EXPORT_PRECISIONS
+from em_unet.errors import EmUnetError
+from em_unet.io.files import check_writable, new_folder
+from em_unet.machine import precision_policy
+
+SIGNATURE = "serving_default"
+INPUT_NAME = "image"
+OUTPUT_NAME = "membrane_probability"
+RENAME_ATTEMPTS = 100
+
+# Dtype-policy names that compute in half precision; rewritten to "float32" in the float32 copy.
+_HALF_POLICIES = ("mixed_float16", "mixed_bfloat16", "float16", "bfloat16")
+# Errors a rename reports when another exporter took the version first.
+_TAKEN_ERRNOS = (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR)
+# Causes looked for in TensorFlow / h5py messages, which carry no errno.
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EIO)
+
+
+def _version_number(name: str) -> int | None:
+    """The version a folder-entry name stands for, or None (ASCII digits only: ``int("²")`` fails)."""
+    return int(name) if name.isascii() and name.isdigit() else None
+
+
+def versions(model_dir: str | Path) -> list[int]:
+    """The integer versions present under a model folder (numeric folders only), ascending."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        return []
+    found = (_version_number(p.name) for p in model_dir.iterdir() if p.is_dir())
+    return sorted(v for v in found if v is not None)
+
+
+def _next_version(model_dir: Path) -> int:
+    """One above the highest numeric name in ``model_dir``, files included (a stray file ``2`` blocks version 2)."""
+    taken = (_version_number(name) for name in os.listdir(model_dir))
+    return max((v for v in taken if v is not None), default=0) + 1
+
+
+def _all_layers(model: keras.Layer) -> Iterator[keras.Layer]:
+    """``model`` and every layer inside it, nested models included."""
+    yield model
+    for layer in getattr(model, "layers", ()):
+        yield from _all_layers(layer)
+
+
+def _float32_config(config: Any) -> Any:
+    """``config`` with every half-precision ``"dtype"`` entry replaced by ``"float32"``.
+
+    ``Model.from_config`` restores each layer's recorded dtype policy, so building
+    under a float32 global policy alone would keep the bfloat16 layers.
+    """
+    if isinstance(config, list):
+        return [_float32_config(item) for item in config]
+    if not isinstance(config, dict):
+        return config
+    rewritten = {}
+    for key, value in config.items():
+        if key == "dtype":
+            name = value.get("config", {}).get("name") if isinstance(value, dict) else value
+            if name in _HALF_POLICIES:
+                rewritten[key] = "float32"
+                continue
+        rewritten[key] = _float32_config(value)
+    return rewritten
+
+
+def _half_precision_layers(model: keras.Model) -> list[str]:
+    """``"name: dtype"`` of every layer in ``model`` (itself included) that computes in float16 or bfloat16."""
+    half = [layer for layer in _all_layers(model) if layer.compute_dtype in ("float16", "bfloat16")]
+    return sorted({f"{layer.name}: {layer.compute_dtype}" for layer in half})
+
+
+def float32_copy(model: keras.Model) -> keras.Model:
+    """``model`` rebuilt under a float32 dtype policy with the same weights; ``model`` itself if already float32.
+
+    The copy is uncompiled (no optimizer state). The global Keras dtype policy is
+    restored afterwards.
+    """
+    if not _half_precision_layers(model):
+        return model
+    try:
+        with precision_policy("float32"):
+            copy = type(model).from_config(_float32_config(model.get_config()))
+            copy.set_weights(model.get_weights())
+    except (TypeError, ValueError, NotImplementedError) as err:
+        cause = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise EmUnetError(
+            f"cannot rebuild model {model.name!r} in float32 ({cause}); export it with precision='trained'"
+        ) from None
+    left = _half_precision_layers(copy)
+    if left:
+        raise EmUnetError(
+            f"float32 copy of model {model.name!r} still computes in half precision ({', '.join(left)}); "
+            "export it with precision='trained'"
+        )
+    return copy
+
+
+def _cause(err: BaseException) -> str:
+    """A one-line cause: ``strerror`` when known, else the first line of the message."""
+    strerror = getattr(err, "strerror", None)
+    if strerror:
+        return strerror
+    message = getattr(err, "message", None) or str(err)
+    for code in _WRITE_ERRNOS:
+        if os.strerror(code) in message:
+            return os.strerror(code)
+    lines = message.strip().splitlines()
+    return lines[0] if lines else type(err).__name__
+
+
+def _publish(staged: Path, model_dir: Path) -> Path:
+    """Rename ``staged`` to the next free version folder of ``model_dir`` and return it.
+
+    Retries with the next number when another export takes a version first; gives
+    up after :data:`RENAME_ATTEMPTS` so a folder that keeps refusing cannot hang us.
+    """
+    for _ in range(RENAME_ATTEMPTS):
+        target = model_dir / str(_next_version(model_dir))
+        try:
+            os.rename(staged, target)
+            return target
+        except OSError as err:
+            if err.errno in _TAKEN_ERRNOS and os.path.lexists(target):
+                continue
+            raise EmUnetError(f"cannot move the export to {target}: {_cause(err)}") from None
+    raise EmUnetError(
+        f"cannot move the export into {model_dir}: every version tried was taken "
+        f"({RENAME_ATTEMPTS} attempts); are other exports running?"
+    )
+
+
+def export_saved_model(
+    model: keras.Model,
+    model_name: str = "em_unet",
+    base_dir: str | Path = "saved_models",
+    precision: str = "float32",
+) -> Path:
+    """Write ``model`` as the next version of ``base_dir/model_name`` and return the version folder.
+
+    Args:
+        model: the Keras U-Net.
+        model_name: folder under ``base_dir`` holding the versions.
+        base_dir: the models folder (TF Serving's ``--model_base_path`` parent).
+        precision: ``"float32"`` exports a float32 copy of a mixed-precision model
+            (both the SavedModel and ``model.keras``); ``"trained"`` exports the
+            model with the dtype policies it was trained under.
+
+    Raises:
+        EmUnetError: an unknown ``precision``, or a folder that cannot be written
+            (one line naming the folder and the cause).
+    """
+    if precision not in EXPORT_PRECISIONS:
+        raise EmUnetError(f"export precision {precision!r} is not one of: {', '.join(EXPORT_PRECISIONS)}")
+    served = float32_copy(model) if precision == "float32" else model
+    model_dir = Path(base_dir) / model_name
+    check_writable(model_dir / "probe", overwrite=True)
+    archive = keras.export.ExportArchive()
+    archive.track(served)
+    archive.add_endpoint(
+        name=SIGNATURE,
+        fn=lambda image: {OUTPUT_NAME: tf.cast(served(image, training=False), tf.float32)},
+        input_signature=[tf.TensorSpec([None, None, None, 1], tf.float32, name=INPUT_NAME)],
+    )
+    try:
+        with new_folder(model_dir):  # removes the folders it made if the export fails
+            tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=model_dir))
+            try:
+                staged = tmp / "savedmodel"
+                archive.write_out(str(staged), verbose=False)
+                served.save(staged / "model.keras")
+                return _publish(staged, model_dir)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)  # before new_folder checks whether its folders are empty
+    except (OSError, tf.errors.OpError) as err:
+        raise EmUnetError(f"cannot write the export in {model_dir}: {_cause(err)}") from None

@@ -1,0 +1,443 @@
+"""Membrane probabilities for stacks of any slice size, by overlap-tile prediction.
+
+Each slice is mirror-padded and cut into square tiles predicted in batches.
+Each tile's outer ``margin`` pixels only give context (the U-Net's zero padding
+distorts them) and get almost no weight; inside that, neighbouring tiles overlap
+by ``overlap`` pixels where their outputs are blended with linear ramps, so tile
+seams do not show. Peak memory is set by the tile batch, not by the stack: slices are
+predicted and written one at a time.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from em_unet.config import PredictConfig, check_prediction_settings
+from em_unet.errors import EmUnetError
+
+OUTPUT_KINDS = ("probability", "binary")
+
+
+def resolve_model_path(path: str | Path) -> Path:
+    """A ``.keras`` file, a SavedModel folder, or a folder of numbered versions (the newest is taken)."""
+    from em_unet.inference.export import versions
+
+    path = Path(path)
+    if not path.exists():
+        raise EmUnetError(f"{path}: no such model file or folder")
+    if path.is_file():
+        if path.suffix != ".keras":
+            raise EmUnetError(f"{path}: not a model (expected a .keras file or a SavedModel folder)")
+        return path
+    if (path / "saved_model.pb").exists():
+        return path
+    found = versions(path)
+    if found and (path / str(found[-1]) / "saved_model.pb").exists():
+        return path / str(found[-1])
+    raise EmUnetError(f"{path}: not a SavedModel folder (no saved_model.pb) nor a folder of numbered versions")
+
+
+def load_predictor(path: str | Path) -> Callable[[np.ndarray], np.ndarray]:
+    """A function from float32 ``(n, h, w, 1)`` tiles to membrane probabilities of the same shape.
+
+    Raises a one-line :class:`EmUnetError` naming the path and the cause for a missing, corrupt or
+    foreign model (see :func:`_load`).
+    """
+    path = resolve_model_path(path)
+    predictor = _load(path)
+
+    def checked(tiles: np.ndarray) -> np.ndarray:
+        try:
+            return predictor(tiles)
+        except Exception as err:  # TF wraps the model's own size error in staging/runtime errors
+            lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+            reason = next(
+                (line for line in lines if "does not fit" in line or "multiples of" in line),
+                lines[0] if lines else type(err).__name__,
+            )[:300]
+            raise EmUnetError(
+                f"{path}: the model cannot take tiles of shape {tiles.shape[1:]} ({reason}); "
+                "choose a --tile that is a multiple of 2**depth"
+            ) from None
+
+    return checked
+
+
+def keras_predictor(model) -> Callable[[np.ndarray], np.ndarray]:
+    """Tiles -> probabilities through a Keras model, traced once per tile shape."""
+    import tensorflow as tf
+
+    serve = tf.function(lambda x: model(x, training=False))
+    return lambda tiles: serve(tf.constant(tiles)).numpy()
+
+
+def _first_line(err: BaseException, limit: int = 200) -> str:
+    """The first non-empty line of an error's message (TensorFlow's run to pages), cut to ``limit`` chars."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return (lines[0] if lines else type(err).__name__)[:limit]
+
+
+def _load_keras(path: Path):
+    """A Keras 3 model from a ``.keras`` file, or a one-line error saying why the file is not one."""
+    import zipfile
+    import zlib
+
+    import keras
+
+    import em_unet.training.model  # noqa: F401  registers the custom layer
+
+    # Keras reports any unreadable file as "File not found": say what is wrong with it instead
+    if path.stat().st_size == 0:
+        raise EmUnetError(f"{path}: empty file (0 bytes), not a Keras model")
+    if not zipfile.is_zipfile(path):
+        raise EmUnetError(
+            f"{path}: not a Keras model file (a .keras file is a zip archive; this one is not: "
+            "truncated, or another format)"
+        )
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, zlib.error, OSError, EOFError, ValueError) as err:
+        raise EmUnetError(f"{path}: the Keras model file is corrupt ({_first_line(err)})") from None
+    if "config.json" not in names:
+        raise EmUnetError(f"{path}: not a Keras model file (its zip archive holds no config.json)")
+    if damaged:
+        raise EmUnetError(f"{path}: the Keras model file is corrupt ({damaged} in it fails its checksum)")
+    try:
+        return keras.saving.load_model(path, compile=False)
+    except Exception as err:  # a damaged config or weights file surfaces as many exception types
+        raise EmUnetError(f"{path}: cannot load the Keras model ({type(err).__name__}: {_first_line(err)})") from None
+
+
+def _load_saved_model(path: Path):
+    """em-unet's serving signature of a SavedModel folder, or a one-line error saying why there is none."""
+    import tensorflow as tf
+
+    from em_unet.inference.export import INPUT_NAME, OUTPUT_NAME, SIGNATURE
+
+    graph = path / "saved_model.pb"
+    if graph.stat().st_size == 0:
+        raise EmUnetError(f"{graph}: empty file (0 bytes), not a SavedModel")
+    try:
+        loaded = tf.saved_model.load(str(path))
+    except Exception as err:  # corrupt protocol buffers and missing variables surface as many exception types
+        reason = _first_line(err)
+        if "Cannot parse" in reason or "Wire format" in reason:
+            raise EmUnetError(f"{graph}: corrupt (not a SavedModel protocol buffer)") from None
+        if "0 MetaGraphs" in reason:
+            raise EmUnetError(f"{graph}: holds no model (0 MetaGraphs)") from None
+        if any(sign in reason for sign in ("TensorSliceReader", "variables/variables", "sstable")):
+            raise EmUnetError(
+                f"{path}: the SavedModel's weights (variables/ folder) are missing or incomplete"
+            ) from None
+        raise EmUnetError(f"{path}: cannot load the SavedModel ({type(err).__name__}: {reason})") from None
+    if SIGNATURE not in loaded.signatures:
+        found = ", ".join(loaded.signatures) or "none"
+        raise EmUnetError(
+            f"{path}: the SavedModel has no {SIGNATURE} signature (signatures: {found}); "
+            "export the model with em-unet (export_saved_model)"
+        )
+    signature = loaded.signatures[SIGNATURE]
+    inputs = sorted(signature.structured_input_signature[1])
+    outputs = sorted(signature.structured_outputs)
+    if inputs != [INPUT_NAME] or OUTPUT_NAME not in outputs:
+        raise EmUnetError(
+            f"{path}: the {SIGNATURE} signature takes {inputs} and returns {outputs}; em-unet needs "
+            f"input {INPUT_NAME!r} and output {OUTPUT_NAME!r}"
+        )
+    # the loaded object owns the variables the signature reads: keep it alive with the signature
+    return lambda tiles, _keep=loaded: signature(**{INPUT_NAME: tf.constant(tiles)})[OUTPUT_NAME].numpy()
+
+
+def _load(path: Path):
+    """A predictor from a resolved model path (see :func:`resolve_model_path`); one-line errors for
+    files that are not loadable models."""
+    if path.suffix == ".keras":
+        return keras_predictor(_load_keras(path))
+    return _load_saved_model(path)
+
+
+def _ramp(side: int, margin: int, overlap: int) -> np.ndarray:
+    """0 in the outer ``margin`` px (context only), a linear ramp over ``overlap`` px, 1 inside. Every pixel
+    of a slice lies inside some tile's margins, so no weight sum is 0; and a tile whose margins alone reach
+    into a block is not needed there."""
+    from_edge = np.minimum(np.arange(side), np.arange(side)[::-1]).astype(np.float32)
+    return np.clip((from_edge - margin + 1) / (overlap + 1), 0.0, 1.0)
+
+
+@functools.lru_cache(maxsize=8)
+def _tile_weight(tile_h: int, tile_w: int, margin: int, overlap: int, views: int) -> np.ndarray:
+    """The blending weight of one of ``views`` outputs of a tile (the same for every slice of a stack: made once)."""
+    weight = np.outer(_ramp(tile_h, margin, overlap), _ramp(tile_w, margin, overlap)) / views
+    weight.flags.writeable = False
+    return weight
+
+
+AUTO_TILE_MAX = 1024  # px: the largest tile side "auto" picks; larger slices are tiled
+TILE_MULTIPLE = 32  # px: auto tiles suit U-Nets up to depth 5
+
+
+def tile_shape(height: int, width: int, tile: int | None, margin: int) -> tuple[int, int]:
+    """``tile`` x ``tile``, or for ``None`` ("auto") the whole slice plus its margins, rounded up to a
+    multiple of 32 px and at most 1024 px a side: one forward pass per slice where that fits."""
+    if tile:
+        return tile, tile
+
+    def fit(side):
+        return min(AUTO_TILE_MAX, -(-(side + 2 * margin) // TILE_MULTIPLE) * TILE_MULTIPLE)
+
+    return fit(height), fit(width)
+
+
+def _tiling(size: int, tile: int, margin: int, overlap: int) -> tuple[int, int]:
+    """(tile origins' stride, number of tiles) along one axis of ``size`` px."""
+    stride = tile - 2 * margin - overlap
+    if margin < 0 or overlap < 0 or stride < 1:
+        raise ValueError(f"margin {margin} px and overlap {overlap} px leave no core in {tile} px tiles")
+    return stride, max(1, -(-(size + 2 * margin - tile) // stride) + 1)
+
+
+@dataclass(frozen=True)
+class TileGrid:
+    """Where the tiles of one slice of ``height`` x ``width`` px sit, in the coordinates of the slice
+    mirror-padded by ``margin`` px on the top and left (and enough on the bottom and right for whole tiles).
+
+    The grid depends only on the slice's size and the settings, so a part of a slice (a block of a
+    chunked volume) predicted with the tiles of the grid that reach into it gets exactly the values
+    the whole slice would.
+    """
+
+    height: int
+    width: int
+    tile_h: int
+    tile_w: int
+    stride_h: int
+    stride_w: int
+    rows: int
+    cols: int
+    margin: int
+    overlap: int
+
+    @property
+    def padded_shape(self) -> tuple[int, int]:
+        return (self.rows - 1) * self.stride_h + self.tile_h, (self.cols - 1) * self.stride_w + self.tile_w
+
+    @property
+    def pad_mode(self) -> str:
+        return "symmetric" if min(self.height, self.width) < 2 else "reflect"
+
+    def padded_index(self, axis: int) -> np.ndarray:
+        """For each padded row (axis 0) or column (axis 1), the row or column of the slice it mirrors."""
+        size = (self.height, self.width)[axis]
+        return np.pad(np.arange(size), (self.margin, self.padded_shape[axis] - size - self.margin), self.pad_mode)
+
+    def origins(self, region: tuple[int, int, int, int] | None = None) -> list[tuple[int, int]]:
+        """Padded (row, column) origins of the tiles whose output (the tile without its margins) reaches into
+        ``region`` (y0, y1, x0, x1 of the slice, pixels; default the whole slice), row by row."""
+        y0, y1, x0, x1 = region or (0, self.height, 0, self.width)
+        core_h, core_w = self.tile_h - 2 * self.margin, self.tile_w - 2 * self.margin
+        rows = [r * self.stride_h for r in range(self.rows)]
+        cols = [c * self.stride_w for c in range(self.cols)]
+        return [(r, c) for r in rows if r < y1 and r + core_h > y0 for c in cols if c < x1 and c + core_w > x0]
+
+
+def tile_grid(height: int, width: int, tile: int | None, margin: int, overlap: int) -> TileGrid:
+    """The tile grid of a ``height`` x ``width`` px slice (see :func:`tile_shape` for ``tile=None``)."""
+    tile_h, tile_w = tile_shape(height, width, tile, margin)
+    stride_h, rows = _tiling(height, tile_h, margin, overlap)
+    stride_w, cols = _tiling(width, tile_w, margin, overlap)
+    return TileGrid(height, width, tile_h, tile_w, stride_h, stride_w, rows, cols, margin, overlap)
+
+
+def _dihedral(tiles: np.ndarray, k: int, inverse: bool = False) -> np.ndarray:
+    """The k-th of the 8 flips/rotations of tiles (n, h, w, c), or its inverse."""
+    flip, turns = divmod(k, 4)
+    if not inverse:
+        tiles = tiles[:, :, ::-1] if flip else tiles
+        return np.rot90(tiles, turns, axes=(1, 2))
+    tiles = np.rot90(tiles, -turns, axes=(1, 2))
+    return tiles[:, :, ::-1] if flip else tiles
+
+
+class _Blend:
+    """The weighted sum of the tiles of ``grid`` that reach into ``region`` (y0, y1, x0, x1 of the slice,
+    pixels), read through ``read_padded`` (see :func:`predict_regions`); each tile comes back as ``views``
+    outputs (8 with test-time augmentation)."""
+
+    def __init__(self, read_padded: Callable[[int, int, int, int], np.ndarray], grid: TileGrid, region, views: int):
+        self.grid, self.region = grid, region
+        self.origins = grid.origins(region)
+        self.top = min(r for r, _ in self.origins)
+        self.left = min(c for _, c in self.origins)
+        bottom = max(r for r, _ in self.origins) + grid.tile_h
+        right = max(c for _, c in self.origins) + grid.tile_w
+        self.padded = read_padded(self.top, bottom, self.left, right)
+        self.window = _tile_weight(grid.tile_h, grid.tile_w, grid.margin, grid.overlap, views)
+        self.total = np.zeros((bottom - self.top, right - self.left), np.float32)
+        self.weight = np.zeros_like(self.total)
+        self.waiting = len(self.origins) * views  # tile outputs not yet added
+
+    def tile(self, origin: tuple[int, int]) -> np.ndarray:
+        r, c = origin[0] - self.top, origin[1] - self.left
+        return self.padded[r : r + self.grid.tile_h, c : c + self.grid.tile_w]
+
+    def add(self, origin: tuple[int, int], probability: np.ndarray) -> None:
+        r, c = origin[0] - self.top, origin[1] - self.left
+        self.total[r : r + self.grid.tile_h, c : c + self.grid.tile_w] += probability * self.window
+        self.weight[r : r + self.grid.tile_h, c : c + self.grid.tile_w] += self.window
+        self.waiting -= 1
+
+    def result(self) -> np.ndarray:
+        y0, y1, x0, x1 = self.region
+        m = self.grid.margin
+        inside = (slice(y0 + m - self.top, y1 + m - self.top), slice(x0 + m - self.left, x1 + m - self.left))
+        return self.total[inside] / self.weight[inside]
+
+
+def predict_regions(
+    predictor: Callable[[np.ndarray], np.ndarray],
+    regions: Iterable[tuple[Callable[[int, int, int, int], np.ndarray], TileGrid, tuple[int, int, int, int]]],
+    tile_batch: int = PredictConfig.tile_batch,
+    tta: bool = PredictConfig.tta,
+) -> Iterator[np.ndarray]:
+    """Membrane probability (float32) of each ``(read_padded, grid, region)`` of ``regions``, in order.
+
+    ``region`` is (y0, y1, x0, x1) of one slice, pixels; it is predicted from the tiles of ``grid`` that
+    reach into it, and ``read_padded(r0, r1, c0, c1)`` returns that window of the mirror-padded slice as
+    float32 in [0, 1]. Tiles of successive regions share forward passes of up to ``tile_batch`` tiles (a
+    stack of small slices runs several slices per pass); ``regions`` is read lazily, one batch ahead,
+    so memory stays bounded for any number of regions. With ``tta`` each tile's 8 flips/rotations are
+    batched like tiles and their outputs averaged.
+    """
+    views = (0, 2, 4, 6, 1, 3, 5, 7) if tta else (0,)  # odd views turn a quarter: same shapes together
+    pending: list[_Blend] = []  # regions in order, the oldest first; each is yielded when complete
+    batch: list[tuple[_Blend, tuple[int, int], int, tuple[int, int]]] = []  # (region, tile origin, view, shape)
+
+    def run(batch):
+        tiles = np.stack([_dihedral(blend.tile(origin)[None, ..., None], k)[0] for blend, origin, k, _ in batch])
+        out = predictor(np.ascontiguousarray(tiles))
+        for (blend, origin, k, _), probability in zip(batch, out):
+            blend.add(origin, _dihedral(probability[None], k, inverse=True)[0, ..., 0])
+
+    def finished():
+        while pending and pending[0].waiting == 0:
+            yield pending.pop(0).result()
+
+    for read_padded, grid, region in regions:
+        blend = _Blend(read_padded, grid, region, len(views))
+        pending.append(blend)
+        for origin in blend.origins:
+            for k in views:
+                shape = (grid.tile_w, grid.tile_h) if k % 2 else (grid.tile_h, grid.tile_w)  # odd k: a quarter turn
+                if batch and (len(batch) == tile_batch or shape != batch[0][3]):
+                    run(batch)
+                    batch = []
+                    yield from finished()
+                batch.append((blend, origin, k, shape))
+    if batch:
+        run(batch)
+    yield from finished()
+
+
+def _whole_slice(image: np.ndarray, tile: int | None, margin: int, overlap: int):
+    """``(read_padded, grid, region)`` of a whole 2-D slice for :func:`predict_regions`."""
+    height, width = image.shape
+    grid = tile_grid(height, width, tile, margin, overlap)
+    padded_h, padded_w = grid.padded_shape
+    pad = ((margin, padded_h - height - margin), (margin, padded_w - width - margin))
+    padded = np.pad(image.astype(np.float32, copy=False), pad, mode=grid.pad_mode)
+    return (lambda r0, r1, c0, c1: padded[r0:r1, c0:c1]), grid, (0, height, 0, width)
+
+
+def predict_slice(
+    predictor: Callable[[np.ndarray], np.ndarray],
+    image: np.ndarray,
+    tile: int | None = PredictConfig.tile,
+    margin: int = PredictConfig.margin,
+    overlap: int = PredictConfig.overlap,
+    tile_batch: int = PredictConfig.tile_batch,
+    tta: bool = PredictConfig.tta,
+) -> np.ndarray:
+    """Membrane probability (float32, same shape) of one 2-D slice in [0, 1] by overlap-tile prediction.
+
+    Args:
+        tile: tile side in pixels (a multiple of ``2**depth`` of the model), or None: the
+            whole slice in one tile where it fits (:func:`tile_shape`).
+        margin: pixels at each tile border used as context only; the slice is
+            mirror-padded by this much so every pixel is covered.
+        overlap: pixels over which neighbouring tiles' outputs are blended.
+        tile_batch: tiles per forward pass (sets peak memory).
+        tta: average the 8 flips/rotations of every tile.
+    """
+    return next(predict_stack(predictor, [image], tile, margin, overlap, tile_batch, tta))
+
+
+def predict_stack(
+    predictor: Callable[[np.ndarray], np.ndarray],
+    images: Iterable[np.ndarray],
+    tile: int | None = PredictConfig.tile,
+    margin: int = PredictConfig.margin,
+    overlap: int = PredictConfig.overlap,
+    tile_batch: int = PredictConfig.tile_batch,
+    tta: bool = PredictConfig.tta,
+    progress: bool = False,
+) -> Iterator[np.ndarray]:
+    """Yield the membrane probability of each float32 slice in [0, 1] of ``images`` (an array or an
+    iterator), in order. Slices smaller than a tile share forward passes of ``tile_batch`` tiles."""
+    from tqdm import tqdm
+
+    check_prediction_settings(tile, margin, overlap, tile_batch)
+    regions = (_whole_slice(image, tile, margin, overlap) for image in images)
+    total = len(images) if hasattr(images, "__len__") else None
+    yield from tqdm(
+        predict_regions(predictor, regions, tile_batch, tta),
+        desc="predicting",
+        unit="slice",
+        total=total,
+        disable=not progress,
+    )
+
+
+def predict_file(
+    model_path: str | Path,
+    stack_path: str | Path,
+    output_path: str | Path,
+    tile: int | None = PredictConfig.tile,
+    margin: int = PredictConfig.margin,
+    overlap: int = PredictConfig.overlap,
+    tile_batch: int = PredictConfig.tile_batch,
+    tta: bool = PredictConfig.tta,
+    binary: bool = False,
+    isbi: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Predict a stack file and write a TIFF stack that opens in Fiji.
+
+    The output is float32 membrane probability; ``isbi`` writes 1 - probability
+    (1 = cell interior, the ISBI 2012 submission convention); ``binary`` writes
+    uint8 0/255 thresholded at 0.5 (255 = membrane, or cell interior with ``isbi``).
+    """
+    import tifffile
+
+    from em_unet.io.files import atomic_output, check_writable
+    from em_unet.io.stacks import iter_image_slices
+
+    check_prediction_settings(tile, margin, overlap, tile_batch)  # before the model loads: fail fast
+    check_writable(output_path, overwrite)
+    predictor = load_predictor(model_path)
+    images = iter_image_slices(stack_path)  # a bad stack fails inside atomic_output, which then leaves nothing
+    with atomic_output(output_path, overwrite) as tmp:
+        with tifffile.TiffWriter(tmp, imagej=True) as writer:
+            for probability in predict_stack(predictor, images, tile, margin, overlap, tile_batch, tta, progress):
+                value = 1.0 - probability if isbi else probability
+                if binary:
+                    value = np.where(value > 0.5, 255, 0).astype(np.uint8)
+                writer.write(value.astype(np.uint8 if binary else np.float32), contiguous=True)
+    return Path(output_path)

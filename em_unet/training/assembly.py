@@ -1,0 +1,343 @@
+"""The training assembly that ``train``, the tuner's HyperModel and the study share.
+
+From a :class:`~em_unet.config.TrainConfig`: the data (read, split, checked), the model (U-Net, optional
+augmenting wrapper, optimizer with its schedule, loss, metrics), the datasets, the steps per epoch,
+the callbacks every run gets (time limit, early stopping, stop on NaN), and the precision policy as a
+context manager that always restores the previous one. Each piece is a plain function, usable from a
+notebook; nothing here writes files except :class:`BestUnetCheckpoint`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from em_unet.config import LR_SCHEDULES, OPTIMIZERS, TrainConfig
+from em_unet.errors import DataError
+from em_unet.io.stacks import check_patch_size, load_labelled_stack, split_slices, training_dataset, validation_dataset
+from em_unet.training.augment import AugmentConfig, augment_batch, resolve_placement
+from em_unet.training.distribute import shardable
+from em_unet.training.keras_patches import multi_worker_fit
+from em_unet.training.losses import border_weight_map, get_loss, metrics
+from em_unet.training.model import build_unet
+
+# ---------------------------------------------------------------- data
+
+
+@dataclass
+class PreparedData:
+    train_images: np.ndarray
+    train_targets: np.ndarray
+    val_images: np.ndarray
+    val_targets: np.ndarray
+    train_slices: np.ndarray
+    val_slices: np.ndarray
+
+
+def prepare_data(config: TrainConfig) -> PreparedData:
+    """Read, split, check, and (for the border-weighted loss) attach weight maps as target channel 1.
+
+    Chunked volumes (HDF5, Zarr, OME-Zarr) are not read into memory: the data holds lazy views of them
+    (:class:`~em_unet.io.stacks.LazyImages`, :class:`~em_unet.io.stacks.LazyTargets`) from which training crops and
+    validation tiles are read as they are needed; their intensity range and label values are checked in
+    one pass over the chunks first."""
+    from em_unet.io.volumes import is_volume_address
+
+    if is_volume_address(config.data) or is_volume_address(config.labels):
+        return _prepare_volumes(config)
+    images, targets = load_labelled_stack(config.data, config.labels, config.label_convention)
+    train_slices, val_slices = _split(config, len(images))
+    check_patch_size(images.shape, config.patch_size)
+    if config.loss == "weighted_bce":
+        weights = np.stack([border_weight_map(t) for t in targets])
+        targets = np.stack([targets, weights], axis=-1)
+    return PreparedData(
+        images[train_slices], targets[train_slices], images[val_slices], targets[val_slices], train_slices, val_slices
+    )
+
+
+def _prepare_volumes(config: TrainConfig) -> PreparedData:
+    import dask.array as da
+
+    from em_unet.io.stacks import LazyImages, LazyTargets, label_convention_of, volume_intensity_range
+    from em_unet.io.volumes import is_volume_address, open_volume
+
+    for flag, address in (("--data", config.data), ("--labels", config.labels)):
+        if not is_volume_address(address):
+            raise DataError(
+                f"{flag} {address}: give both the images and the labels as chunked volumes "
+                "(FILE.h5:/KEY, STORE.zarr/KEY, STORE.ome.zarr), or both as TIFF/PNG stacks"
+            )
+    images, labels = open_volume(config.data), open_volume(config.labels)
+    if labels.shape != images.shape:
+        raise DataError(
+            f"{labels.address}: label shape {labels.shape} differs from image shape {images.shape} of {images.address}"
+        )
+    low, high = volume_intensity_range(images)
+    if not np.issubdtype(labels.dtype, np.integer) and labels.dtype != bool:
+        raise DataError(f"{labels.address}: labels must be integers (0/255 or 0/1), found {labels.dtype}")
+    values = da.unique(da.from_array(labels, chunks=labels.chunks, asarray=True)).compute()
+    convention = label_convention_of(values, config.label_convention, labels.address)
+    train_slices, val_slices = _split(config, images.shape[0])
+    check_patch_size(images.shape, config.patch_size)
+    weighted = config.loss == "weighted_bce"
+    return PreparedData(
+        LazyImages(images, train_slices, low, high),
+        LazyTargets(labels, train_slices, convention, weighted),
+        LazyImages(images, val_slices, low, high),
+        LazyTargets(labels, val_slices, convention, weighted),
+        train_slices,
+        val_slices,
+    )
+
+
+def _split(config: TrainConfig, n_slices: int) -> tuple[np.ndarray, np.ndarray]:
+    train_slices, val_slices = split_slices(n_slices, config.val_slices, config.val_fraction)
+    if config.slices is not None:
+        first, last = config.slices
+        if not last < n_slices:
+            raise DataError(f"--slices {first}-{last}: outside the stack's slices 0-{n_slices - 1}")
+        train_slices = train_slices[(train_slices >= first) & (train_slices <= last)]
+        val_slices = val_slices[(val_slices >= first) & (val_slices <= last)]
+        if not (train_slices.size and val_slices.size):
+            raise DataError(
+                f"--slices {first}-{last} need both training and validation slices (validation: {config.val_slices})"
+            )
+    return train_slices, val_slices
+
+
+def default_steps_per_epoch(train_shape, patch_size: int, batch_size: int) -> int:
+    """Enough batches to cover the training slices' area once per epoch."""
+    n, height, width = train_shape[:3]
+    return max(1, round(n * height * width / (patch_size * patch_size * batch_size)))
+
+
+def steps_per_epoch(config: TrainConfig, data: PreparedData) -> int:
+    return config.steps_per_epoch or default_steps_per_epoch(
+        data.train_images.shape, config.patch_size, config.batch_size
+    )
+
+
+def make_datasets(config: TrainConfig, data: PreparedData, placement: str) -> tuple[tf.data.Dataset, tf.data.Dataset]:
+    """Training batches (augmented here when ``placement`` is ``"pipeline"``) and validation tiles."""
+    augment = config.augment_config() if placement == "pipeline" else None
+    train = training_dataset(
+        data.train_images, data.train_targets, config.patch_size, config.batch_size, config.seed, augment
+    )
+    val = validation_dataset(data.val_images, data.val_targets, config.patch_size, config.batch_size)
+    return train, val
+
+
+# ---------------------------------------------------------------- model
+
+
+class StepAugmentedModel(keras.Model):
+    """Wraps a model so that each training batch is augmented inside the training step.
+
+    The seed of batch ``n`` is ``(seed, n)`` with ``n`` the optimizer's step counter, so runs are
+    reproducible. ``augment`` may be set (or None: no augmentation) until the first ``fit`` traces
+    the step. Inference and export use ``self.inner``.
+    """
+
+    def __init__(self, inner: keras.Model, augment: AugmentConfig | None, seed: int = 0, **kwargs):
+        super().__init__(**kwargs)
+        self.inner = inner
+        self.augment = augment
+        self.augment_seed = seed
+
+    def call(self, inputs, training=False):
+        return self.inner(inputs, training=training)
+
+    def train_step(self, data):
+        if self.augment is None:
+            return super().train_step(data)
+        images, targets = data[0], data[1]
+        step = tf.cast(self.optimizer.iterations, tf.int64)
+        seed = tf.stack([tf.constant(self.augment_seed, tf.int64), step])
+        images, targets = augment_batch(images, targets, seed, self.augment)
+        return super().train_step((images, targets) + tuple(data[2:]))
+
+
+def learning_rate_schedule(learning_rate: float, schedule: str, total_steps: int):
+    """``constant``: ``learning_rate`` throughout. ``cosine``: a linear warm-up over the first 2 % of
+    ``total_steps`` (optimizer steps), then cosine decay to 1 % of ``learning_rate`` at the last step;
+    the warm-up keeps a high peak rate from spiking the loss in the first epochs."""
+    if schedule == "constant":
+        return learning_rate
+    if schedule != "cosine":
+        raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {schedule!r}")
+    warmup = max(1, total_steps // 50)
+    return keras.optimizers.schedules.CosineDecay(
+        0.0, max(1, total_steps - warmup), alpha=0.01, warmup_target=learning_rate, warmup_steps=warmup
+    )
+
+
+def make_optimizer(name: str, learning_rate, momentum: float = 0.0) -> keras.optimizers.Optimizer:
+    """``learning_rate``: a number or a Keras schedule of the optimizer step."""
+    if name == "sgd":
+        return keras.optimizers.SGD(learning_rate, momentum=momentum)
+    if name == "adam":
+        return keras.optimizers.Adam(learning_rate)
+    if name == "adamax":
+        return keras.optimizers.Adamax(learning_rate)
+    raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")
+
+
+def build_model(config: TrainConfig, steps: int, placement: str) -> tuple[keras.Model, keras.Model]:
+    """The compiled model to fit and the U-Net inside it (the same object unless augmentation runs in the
+    training step). Call it inside the strategy's scope (KerasTuner does that for its ``build``)."""
+    unet = build_unet(config.depth, config.base_filters, batch_norm=config.batch_norm)
+    model = StepAugmentedModel(unet, config.augment_config(), config.seed) if placement == "step" else unet
+    rate = learning_rate_schedule(config.learning_rate, config.lr_schedule, steps * config.epochs)
+    model.compile(
+        optimizer=make_optimizer(config.optimizer, rate, config.momentum), loss=get_loss(config.loss), metrics=metrics()
+    )
+    return model, unet
+
+
+def inner_unet(model: keras.Model) -> keras.Model:
+    """The U-Net itself, unwrapped from a training wrapper."""
+    return model.inner if isinstance(model, StepAugmentedModel) else model
+
+
+def fit(
+    model: keras.Model,
+    config: TrainConfig,
+    data: PreparedData,
+    placement: str,
+    epochs: int | None = None,
+    callbacks: list | None = None,
+    verbose: int = 1,
+    **kwargs,
+) -> keras.callbacks.History:
+    """Fit ``model`` (from :func:`build_model`) on ``data`` as ``config`` says."""
+    if isinstance(model, StepAugmentedModel):
+        model.augment = config.augment_config()
+    train_data, val_data = make_datasets(config, data, placement)
+    epochs = epochs or config.epochs
+    validated = validation_epochs(kwargs.get("initial_epoch", 0) + 1, epochs, config.val_every)
+    with multi_worker_fit(model, train_data):
+        history = model.fit(
+            shardable(train_data),
+            epochs=epochs,
+            steps_per_epoch=steps_per_epoch(config, data),
+            validation_data=shardable(val_data),
+            validation_freq=validated,
+            shuffle=False,
+            callbacks=callbacks or [],
+            verbose=verbose,
+            **kwargs,
+        )
+    return epoch_aligned(history, validated)
+
+
+def epoch_aligned(history: keras.callbacks.History, validated: list[int]) -> keras.callbacks.History:
+    """``history`` with an entry for every epoch in each validation metric (NaN where an epoch was not
+    validated): Keras lists them for the validated epochs only, while readers such as KerasTuner take
+    ``history.history[key][i]`` to be epoch ``history.epoch[i]``."""
+    ran = [epoch + 1 for epoch in history.epoch]
+    done = [epoch for epoch in validated if epoch in ran]
+    for key, values in history.history.items():
+        if key.startswith("val_") and len(values) == len(done) != len(ran):
+            by_epoch = dict(zip(done, values))
+            history.history[key] = [by_epoch.get(epoch, float("nan")) for epoch in ran]
+    return history
+
+
+def validation_epochs(first: int, last: int, every: int) -> list[int]:
+    """The epochs (numbered from 1) a fit from epoch ``first`` to ``last`` validates: every ``every``-th,
+    and always the first (so history.csv has its validation columns from the start) and the last (so a
+    run or trial ends with a val_loss)."""
+    return sorted({first, last, *range(every, last + 1, every)} & set(range(first, last + 1)))
+
+
+def placement_for(config: TrainConfig) -> str:
+    """Where augmentation runs for this run: ``"step"`` or ``"pipeline"`` (see :func:`resolve_placement`)."""
+    return resolve_placement(config.augment_placement)
+
+
+# ---------------------------------------------------------------- callbacks
+
+
+def run_callbacks(config: TrainConfig, deadline: float | None = None) -> list[keras.callbacks.Callback]:
+    """What every fit gets: stop on a NaN loss, early stopping, and the time limit (``deadline``: a
+    ``time.monotonic()`` instant; by default ``max_minutes`` from now)."""
+    callbacks: list[keras.callbacks.Callback] = [keras.callbacks.TerminateOnNaN()]
+    if config.early_stopping:  # Keras counts patience in validations: epochs without val_loss are skipped
+        patience = math.ceil(config.early_stopping / config.val_every)
+        callbacks.append(ValidatedEarlyStopping(monitor="val_loss", patience=patience))
+    if deadline is None and config.max_minutes:
+        deadline = time.monotonic() + config.max_minutes * 60.0
+    if deadline is not None:
+        callbacks.append(TimeLimit(deadline=deadline))
+    return callbacks
+
+
+def record_callbacks(run_dir: Path, unet: keras.Model) -> list[keras.callbacks.Callback]:
+    """What a run leaves in ``run_dir``: TensorBoard events, ``best.keras`` (the U-Net at its best
+    ``val_loss``) and ``history.csv``."""
+    return [
+        keras.callbacks.TensorBoard(log_dir=str(run_dir)),
+        BestUnetCheckpoint(unet, run_dir / "best.keras"),
+        keras.callbacks.CSVLogger(str(run_dir / "history.csv")),
+    ]
+
+
+class ValidatedEarlyStopping(keras.callbacks.EarlyStopping):
+    """Keras' early stopping, quiet on the epochs that are not validated (see ``--val-every``)."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.monitor in (logs or {}):
+            super().on_epoch_end(epoch, logs)
+
+
+class TimeLimit(keras.callbacks.Callback):
+    """Ends training before the next epoch would end past the limit: ``minutes`` from the start of
+    training, or an absolute ``deadline`` (``time.monotonic()`` seconds) shared by several fits."""
+
+    def __init__(self, minutes: float | None = None, deadline: float | None = None):
+        super().__init__()
+        self.minutes, self.deadline = minutes, deadline
+
+    def on_train_begin(self, logs=None):
+        self.epoch_start = time.monotonic()
+        if self.deadline is None:
+            self.deadline = self.epoch_start + (self.minutes or 0.0) * 60.0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch_start = time.monotonic()
+
+    def on_epoch_end(self, epoch, logs=None):
+        now = time.monotonic()
+        if now + (now - self.epoch_start) > self.deadline:
+            self.model.stop_training = True
+
+
+class BestUnetCheckpoint(keras.callbacks.Callback):
+    """Saves the U-Net itself (not a training wrapper around it) whenever ``val_loss`` improves.
+
+    Written to a temporary name and renamed, so a full disk or a kill never leaves a truncated
+    ``best.keras``: the previous best stays until the new one is complete.
+    """
+
+    def __init__(self, unet: keras.Model, path: str | Path):
+        super().__init__()
+        self.unet, self.path, self.best = unet, Path(path), np.inf
+
+    def on_epoch_end(self, epoch, logs=None):
+        loss = (logs or {}).get("val_loss", np.inf)
+        if loss < self.best:
+            self.best = loss
+            partial = self.path.with_name(f".{self.path.stem}.partial.keras")
+            try:
+                self.unet.save(partial)
+                os.replace(partial, self.path)
+            finally:
+                partial.unlink(missing_ok=True)
