@@ -28,6 +28,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 
 from em_unet.inference.blockwise import predict_volume  # noqa: E402
+from em_unet.inference.tiling import Tiling  # noqa: E402
 from em_unet.io.volumes import create_volume  # noqa: E402
 from em_unet.machine import machine_description  # noqa: E402
 
@@ -76,7 +77,7 @@ def main() -> None:
                 f"{folder}/{name}.zarr",
                 f"{folder}/{name}-p.zarr",
                 block=args.block,
-                overlap=0,
+                tiling=Tiling(overlap=0),
                 scheduler=cluster.scheduler_address,
                 progress=False,
             )

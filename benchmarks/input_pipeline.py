@@ -24,14 +24,15 @@ import tensorflow as tf  # noqa: E402
 from isbi_data import ISBI  # noqa: E402  (benchmarks/, beside this script)
 
 from em_unet.config import TrainConfig  # noqa: E402
-from em_unet.io.stacks import training_dataset  # noqa: E402
 from em_unet.machine import (
     machine_description,  # noqa: E402
     resolve_precision,
 )
-from em_unet.training.assembly import make_optimizer, prepare_data
+from em_unet.training.assembly import prepare_data  # noqa: E402
+from em_unet.training.data import training_dataset  # noqa: E402
 from em_unet.training.losses import get_loss  # noqa: E402
 from em_unet.training.model import build_unet  # noqa: E402
+from em_unet.training.optimizers import make_optimizer  # noqa: E402
 
 
 def batches_per_second(iterator, batches: int) -> float:

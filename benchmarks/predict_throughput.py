@@ -43,6 +43,7 @@ from isbi_data import ISBI  # noqa: E402  (benchmarks/, beside this script)
 from em_unet.config import TrainConfig  # noqa: E402
 from em_unet.inference.export import export_saved_model  # noqa: E402
 from em_unet.inference.predict import keras_predictor, load_predictor, predict_stack  # noqa: E402
+from em_unet.inference.tiling import Tiling  # noqa: E402
 from em_unet.io.stacks import load_image_stack  # noqa: E402
 from em_unet.machine import (
     machine_description,  # noqa: E402
@@ -51,7 +52,7 @@ from em_unet.machine import (
 from em_unet.segmentation.metrics import evaluate_stack  # noqa: E402
 from em_unet.training.model import build_unet  # noqa: E402
 
-PREVIOUS_DEFAULTS = {"margin": 32, "tile_batch": 1}  # before sharing forward passes between slices
+PREVIOUS_DEFAULTS = Tiling(margin=32, tile_batch=1)  # before sharing forward passes between slices
 VALIDATION_SLICES = slice(15, 20)
 
 
@@ -92,9 +93,9 @@ def main() -> None:
     candidates = {
         "whole slice, one forward pass": lambda v: (predictor(s[None, ..., None]) for s in v),
         "em-unet predict (defaults)": lambda v: predict_stack(predictor, v),
-        "previous defaults": lambda v: predict_stack(predictor, v, **PREVIOUS_DEFAULTS),
-        "defaults, --tile-batch 1": lambda v: predict_stack(predictor, v, tile_batch=1),
-        "em-unet predict --tile 256": lambda v: predict_stack(predictor, v, tile=256),
+        "previous defaults": lambda v: predict_stack(predictor, v, PREVIOUS_DEFAULTS),
+        "defaults, --tile-batch 1": lambda v: predict_stack(predictor, v, Tiling(tile_batch=1)),
+        "em-unet predict --tile 256": lambda v: predict_stack(predictor, v, Tiling(tile=256)),
     }
     for run in candidates.values():  # warm-up: one trace per tile shape
         slices_per_second(run, volume[:2])
@@ -166,9 +167,9 @@ def scores(model_path: str) -> dict[str, dict]:
     predictor = load_predictor(model_path)
     images = load_image_stack(ISBI / "train-volume.tif")[VALIDATION_SLICES]
     target = membrane_target(read_stack(ISBI / "train-labels.tif")[VALIDATION_SLICES])
-    settings = {"defaults": {}, "previous defaults": PREVIOUS_DEFAULTS}
+    settings = {"defaults": Tiling(), "previous defaults": PREVIOUS_DEFAULTS}
     return {
-        name: evaluate_stack(np.stack(list(predict_stack(predictor, images, **options))), target)
+        name: evaluate_stack(np.stack(list(predict_stack(predictor, images, options))), target)
         for name, options in settings.items()
     }
 

@@ -44,7 +44,6 @@ import tensorflow as tf  # noqa: E402
 from isbi_data import ISBI  # noqa: E402  (benchmarks/, beside this script)
 
 from em_unet.config import TrainConfig  # noqa: E402
-from em_unet.io.stacks import training_dataset, validation_dataset  # noqa: E402
 from em_unet.machine import machine_description, precision_policy  # noqa: E402
 from em_unet.training.assembly import (  # noqa: E402
     build_model,
@@ -56,6 +55,7 @@ from em_unet.training.assembly import (  # noqa: E402
     steps_per_epoch,
     validation_epochs,
 )
+from em_unet.training.data import training_dataset, validation_dataset  # noqa: E402
 from em_unet.training.losses import get_loss  # noqa: E402
 from em_unet.training.model import build_unet  # noqa: E402
 

@@ -4,7 +4,7 @@ every failure reported as one line (``--debug`` shows the traceback)."""
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import json
 import os
 import re
 import sys
@@ -26,12 +26,20 @@ from em_unet.config import (  # noqa: E402
     StudyOptions,
     TrainConfig,
     VolumeOptions,
-    add_arguments,
-    check_value,
-    from_args,
-    given,
 )
 from em_unet.errors import EmUnetError  # noqa: E402
+from em_unet.inference.blockwise import predict_volume  # noqa: E402
+from em_unet.inference.predict import predict_file  # noqa: E402
+from em_unet.inference.tiling import Tiling  # noqa: E402
+from em_unet.io.files import atomic_output, check_writable  # noqa: E402
+from em_unet.io.volumes import is_volume_address, parse_address  # noqa: E402
+from em_unet.io.writers import output_kind  # noqa: E402
+from em_unet.segmentation.blockwise import segment_volume  # noqa: E402
+from em_unet.segmentation.metrics import evaluate_files  # noqa: E402
+from em_unet.segmentation.watershed import SegmentParams, check_segment_outputs, segment_file  # noqa: E402
+from em_unet.settings import add_arguments, check_value, from_args, given  # noqa: E402
+
+TENSORFLOW_FREE = ("evaluate", "segment", "plot")  # the commands that run no model never load TensorFlow
 
 PREVIEW_FIELDS = (
     "data",
@@ -99,8 +107,6 @@ def _verbosity() -> int:
 
 
 def _segment_params(args):
-    from em_unet.segmentation.watershed import SegmentParams
-
     return from_args(SegmentParams, args)
 
 
@@ -108,7 +114,7 @@ def _segment_params(args):
 
 
 def cmd_augment_preview(args) -> int:
-    from em_unet.training.preview import augment_preview
+    from em_unet.training.preview import augment_preview  # lazy: training loads TensorFlow
 
     config = from_args(TrainConfig, args)
     options = from_args(PreviewOptions, args)
@@ -128,7 +134,7 @@ def cmd_augment_preview(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from em_unet.training.train import train
+    from em_unet.training.train import train  # lazy: training loads TensorFlow
 
     config = from_args(TrainConfig, args)
     result = train(config, verbose=_verbosity())
@@ -148,13 +154,13 @@ def cmd_train(args) -> int:
 
 
 def cmd_tune(args) -> int:
-    from em_unet.training.tune import search_settings, tune
+    from em_unet.training.tune import search_settings, tune  # lazy: training loads TensorFlow
 
     base = from_args(TrainConfig, args)
     search = search_settings(given=given(args, SearchConfig))
     result = tune(base, search, verbose=_verbosity())
     if result.get("recycled"):
-        from em_unet.training.distribute import RECYCLE_STATUS
+        from em_unet.training.distribute import RECYCLE_STATUS  # lazy: training loads TensorFlow
 
         print(f"worker leaves after {result['recycled']} trial(s): a fresh process takes its place")
         return RECYCLE_STATUS
@@ -177,34 +183,63 @@ def cmd_tune(args) -> int:
     return 0
 
 
-def cmd_predict(args) -> int:
-    from em_unet.inference.predict import predict_file
-    from em_unet.io.volumes import is_volume_address, parse_address
+def _chunked_output(input_address: str, output_address: str, volume: VolumeOptions, made: str) -> bool:
+    """Whether ``output_address`` is a chunked volume (``made`` from a chunked input, on the cluster) or a
+    TIFF written in one piece; refuses what does not fit together."""
+    if output_kind(output_address) == "volume":
+        if not is_volume_address(input_address):
+            raise EmUnetError(
+                f"{input_address}: a chunked output is {made} from a chunked input "
+                "(FILE.h5:/KEY, STORE.zarr/KEY, STORE.ome.zarr); write a TIFF output for a TIFF input"
+            )
+        return True
+    if volume.scheduler or volume.workers:
+        raise EmUnetError(
+            f"--scheduler and --workers are for chunked outputs (OUT.zarr, OUT.ome.zarr, OUT.h5:/KEY); "
+            f"{output_address} is written in one piece"
+        )
+    return False
 
+
+def _address(path: str, key: str | None) -> str:
+    """An input's address with ``--key`` applied."""
+    return str(parse_address(path, key)) if key else path
+
+
+def cmd_predict(args) -> int:
     options = from_args(PredictConfig, args)
     volume = from_args(VolumeOptions, args)
-    params = _segment_params(args)
-    if is_volume_address(options.output):
-        if "overlap" not in given(args, PredictConfig):
-            options = dataclasses.replace(options, overlap=0)  # see --overlap's help
-        return _predict_volume(options, volume)
-    if options.block or volume.scheduler or volume.workers:
-        raise EmUnetError(
-            "--block, --scheduler and --workers are for chunked outputs (OUT.zarr, OUT.ome.zarr, "
-            f"OUT.h5:/KEY); {options.output} is written in one piece"
+    params = _segment_params(args)  # checked before the long prediction starts, like every option
+    tiling = Tiling.of(options)
+    if _chunked_output(options.stack, options.output, volume, "predicted block by block"):
+        if options.binary:
+            raise EmUnetError("--binary is for TIFF outputs: a chunked output holds the membrane probability")
+        if options.segment:
+            raise EmUnetError("--segment with a chunked output: run em-unet segment on the output afterwards")
+        address = predict_volume(
+            options.model,
+            options.stack,
+            options.output,
+            key=volume.key,
+            tiling=tiling,
+            tta=options.tta,
+            isbi=options.isbi,
+            block=options.block,
+            scheduler=volume.scheduler,
+            workers=volume.workers,
+            overwrite=options.overwrite,
         )
+        print(f"wrote {address}")
+        return 0
+    if options.block:
+        raise EmUnetError(f"--block is for chunked outputs; {options.output} is written in one piece")
     if options.segment:  # checked before the long prediction starts
-        from em_unet.segmentation.watershed import check_segment_outputs
-
         check_segment_outputs(options.segment, options.overwrite)
     path = predict_file(
         options.model,
-        str(parse_address(options.stack, volume.key)) if volume.key else options.stack,
+        _address(options.stack, volume.key),
         options.output,
-        tile=options.tile,
-        margin=options.margin,
-        overlap=options.overlap,
-        tile_batch=options.tile_batch,
+        tiling=tiling,
         tta=options.tta,
         binary=options.binary,
         isbi=options.isbi,
@@ -212,60 +247,15 @@ def cmd_predict(args) -> int:
     )
     print(f"wrote {path}")
     if options.segment:
-        from em_unet.segmentation.watershed import segment_file
-
         segments, sidecar = segment_file(path, options.segment, params, overwrite=options.overwrite)
         print(f"wrote {segments} (parameters: {sidecar})")
     return 0
 
 
-def _predict_volume(options: PredictConfig, volume: VolumeOptions) -> int:
-    from em_unet.inference.blockwise import predict_volume
-    from em_unet.io.volumes import is_volume_address
-
-    if not is_volume_address(options.stack):
-        raise EmUnetError(
-            f"{options.stack}: a chunked output is predicted block by block from a chunked input "
-            "(FILE.h5:/KEY, STORE.zarr/KEY, STORE.ome.zarr); write a TIFF output for a TIFF input"
-        )
-    if options.binary:
-        raise EmUnetError("--binary is for TIFF outputs: a chunked output holds the membrane probability")
-    if options.segment:
-        raise EmUnetError("--segment with a chunked output: run em-unet segment on the output afterwards")
-    address = predict_volume(
-        options.model,
-        options.stack,
-        options.output,
-        key=volume.key,
-        tile=options.tile,
-        margin=options.margin,
-        overlap=options.overlap,
-        tile_batch=options.tile_batch,
-        tta=options.tta,
-        isbi=options.isbi,
-        block=options.block,
-        scheduler=volume.scheduler,
-        workers=volume.workers,
-        overwrite=options.overwrite,
-    )
-    print(f"wrote {address}")
-    return 0
-
-
 def cmd_segment(args) -> int:
-    from em_unet.io.volumes import is_volume_address, parse_address
-    from em_unet.segmentation.watershed import segment_file
-
     options = from_args(SegmentOptions, args)
     volume = from_args(VolumeOptions, args)
-    if is_volume_address(options.output):
-        from em_unet.inference.blockwise import segment_volume
-
-        if not is_volume_address(options.probability):
-            raise EmUnetError(
-                f"{options.probability}: a chunked output is segmented from a chunked input "
-                "(FILE.h5:/KEY, STORE.zarr/KEY, STORE.ome.zarr); write a TIFF output for a TIFF input"
-            )
+    if _chunked_output(options.probability, options.output, volume, "segmented"):
         address = segment_volume(
             options.probability,
             options.output,
@@ -277,22 +267,13 @@ def cmd_segment(args) -> int:
         )
         print(f"wrote {address}")
         return 0
-    if volume.scheduler or volume.workers:
-        raise EmUnetError(
-            f"--scheduler and --workers are for chunked outputs; {options.output} is written in one piece"
-        )
-    probability = str(parse_address(options.probability, volume.key)) if volume.key else options.probability
+    probability = _address(options.probability, volume.key)
     segments, sidecar = segment_file(probability, options.output, _segment_params(args), overwrite=options.overwrite)
     print(f"wrote {segments} (parameters: {sidecar})")
     return 0
 
 
 def cmd_evaluate(args) -> int:
-    import json
-
-    from em_unet.io.files import atomic_output, check_writable
-    from em_unet.segmentation.metrics import evaluate_files
-
     options = from_args(EvaluateOptions, args)
     if options.output:
         check_writable(options.output, options.overwrite)
@@ -326,7 +307,7 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_study(args) -> int:
-    from em_unet.training.study import run_study
+    from em_unet.training.study import run_study  # lazy: training loads TensorFlow
 
     settings = given(args, TrainConfig)
     for name, value in settings.items():  # the TOML supplies the rest; these are checked now, not per variant
@@ -356,7 +337,7 @@ def cmd_study(args) -> int:
 
 
 def cmd_plot(args) -> int:
-    from em_unet.reporting.plot import plot_runs
+    from em_unet.reporting.plot import plot_runs  # lazy: matplotlib's import alone takes about 0.5 s
 
     options = from_args(PlotOptions, args)
     for path in plot_runs(options.folder, options.output):
@@ -368,8 +349,6 @@ def cmd_plot(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from em_unet.segmentation.watershed import SegmentParams
-
     common = Parser(add_help=False)
     common.add_argument(
         "--debug",
@@ -388,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def command(name, func, help, description, *settings):
         sub = commands.add_parser(name, help=help, description=description, parents=[common])
-        sub.set_defaults(uses_tensorflow=name != "plot")  # the others read stacks through em_unet.io.stacks
+        sub.set_defaults(uses_tensorflow=name not in TENSORFLOW_FREE)
         for cls, options in settings:
             add_arguments(sub, cls, **options)
         sub.set_defaults(func=func)
@@ -490,13 +469,9 @@ def describe_error(err: BaseException) -> tuple[str, int]:
         cause = err.strerror or str(err)
         return (f"{where}: {cause}" if where else cause), 2
     first = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
-    try:
-        import tensorflow as tf
-
-        if isinstance(err, tf.errors.ResourceExhaustedError):
-            return f"out of memory ({first[:200]}): lower --batch-size, --patch-size or --tile-batch", 2
-    except ImportError:  # pragma: no cover
-        pass
+    tf = sys.modules.get("tensorflow")  # only a command that loaded TensorFlow can run out of its memory
+    if tf is not None and isinstance(err, tf.errors.ResourceExhaustedError):
+        return f"out of memory ({first[:200]}): lower --batch-size, --patch-size or --tile-batch", 2
     return (
         f"{type(err).__name__}: {first[:300]} (unexpected: run with --debug for the traceback, and please report it)",
         1,
@@ -504,6 +479,10 @@ def describe_error(err: BaseException) -> tuple[str, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((word for word in argv if not word.startswith("-")), None)
+    if command is not None and command not in TENSORFLOW_FREE:
+        import_tensorflow_quietly()  # before parsing: the training flags' choices come from Keras registries
     args = build_parser().parse_args(argv)
     try:
         if args.uses_tensorflow:

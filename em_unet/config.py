@@ -1,292 +1,61 @@
-"""The one typed configuration: every setting's default, valid values and help text, and its checks.
+"""em-unet's settings: every setting of every command declared once (its default, valid values and help
+text), and the checks between settings.
 
-Each command's settings are a dataclass whose fields are declared with :func:`setting`. From that
-one declaration come
-
-- the checks: :meth:`Settings.validate` runs on construction and refuses a bad value with one line
-  naming the setting (its flag and its name), the value and what would be valid;
-- the command line: :func:`add_arguments` derives every flag (name, type, choices, help with the
-  default) and :func:`from_args` builds the dataclass from what the user gave;
-- the files: ``config.json`` of a run is :meth:`Settings.to_dict`; the study TOML and the search-space
-  TOML are read with :meth:`Settings.from_dict`, which refuses unknown keys;
-- the README's flag tables (:func:`flags_markdown`; a test keeps the README equal to it).
+Each command's settings are a dataclass whose fields are declared with :func:`~em_unet.settings.setting`;
+:mod:`em_unet.settings` derives from them the checks, the flags and ``--help``, the reading and writing of
+``config.json`` and of the study and search-space TOML files, and the README's flag tables
+(``python -m em_unet.config`` prints them; a test keeps the README equal to them).
 
 The settings stay one flat namespace per command, grouped (data, model, optimisation, augmentation,
 runtime, outputs) only for ``--help`` and the README, so a study TOML or ``config.json`` names a setting
 exactly as the flag does, with underscores.
 
-This module imports nothing heavy: the choice lists live here and the modules that act on them import them.
+A choice list that a module implements comes from that module's registry (a loss is one entry in
+:mod:`em_unet.training.losses`). This module imports nothing heavy: the registries that import TensorFlow
+are read only when their names are first needed (:class:`~em_unet.settings.RegistryNames`).
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import math
-import re
-import types
-import typing
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, fields
-from pathlib import Path
+from dataclasses import dataclass
+from importlib import resources
 
 from em_unet.errors import ConfigError
+from em_unet.io.stacks import LABEL_CONVENTIONS
+from em_unet.machine import PRECISIONS
+from em_unet.settings import (
+    RegistryNames,
+    Settings,
+    describe,
+    flag_of,
+    flags_markdown,
+    parse_slice_range,
+    setting,
+)
 
 # ---------------------------------------------------------------- the choice lists
 
-LABEL_CONVENTIONS = ("auto", "isbi", "mask")
-OPTIMIZERS = ("sgd", "adam", "adamax")
-LR_SCHEDULES = ("constant", "cosine")
-LOSSES = ("bce", "dice", "bce_dice", "weighted_bce")
-ELASTIC_BACKENDS = ("tensorflow", "elasticdeform")
-AUGMENT_PLACEMENTS = ("auto", "pipeline", "step")
-PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
-EXPORT_PRECISIONS = ("float32", "trained")
-STRATEGIES = ("auto", "one-device", "mirrored", "multi-worker")
+# From the registries of the modules that implement them: adding a loss, an optimizer, a schedule, an elastic
+# backend or a strategy is one entry there. Those modules import TensorFlow, so their names are read only when
+# a value is checked against them or they are listed (an error, --help, the README's tables): declaring these
+# settings or building a command's parser imports none of them.
+OPTIMIZERS = RegistryNames("em_unet.training.optimizers", "OPTIMIZERS")
+LR_SCHEDULES = RegistryNames("em_unet.training.optimizers", "LR_SCHEDULES")
+LOSSES = RegistryNames("em_unet.training.losses", "LOSSES")
+ELASTIC_BACKENDS = RegistryNames("em_unet.training.augment", "ELASTIC_BACKENDS")
+AUGMENT_PLACEMENTS = RegistryNames("em_unet.training.augment", "PLACEMENTS")
+STRATEGIES = RegistryNames("em_unet.training.distribute", "STRATEGIES", first=("auto",))
+# PRECISIONS comes from em_unet.machine (imported above: it imports TensorFlow only to resolve "auto").
+# Declared here and imported by the modules that act on them (io.stacks, inference.export, training.tune):
+EXPORT_PRECISIONS = RegistryNames("em_unet.inference.export", "EXPORT_PRECISIONS")
 ALGORITHMS = ("hyperband", "bayesian", "random", "grid")
 OBJECTIVES = ("val_loss", "loss")
 SAMPLINGS = ("linear", "log")
 
-GROUPS = {
-    "data": "data",
-    "model": "model",
-    "optimisation": "optimisation",
-    "augmentation": "augmentation",
-    "runtime": "runtime",
-    "outputs": "outputs",
-    "prediction": "prediction",
-    "segmentation": "segmentation (seeded watershed + agglomeration; defaults measured on ISBI 2012 slices 15-19)",
-    "search": "search",
-    "volumes": "large volumes (HDF5, Zarr, OME-Zarr inputs or outputs: worked on block by block on a Dask cluster)",
-    "distributed": "distributed tuning (KerasTuner chief and workers: --workers on this machine, or --tuner-id, "
-    "--oracle-ip, --oracle-port across machines; default: the KERASTUNER_* variables, else one process)",
-    "study": "study",
-    "options": "options",
-}
-
-
-def setting(
-    default=dataclasses.MISSING,
-    help: str = "",
-    *,
-    flag: str | None = None,
-    group: str = "options",
-    choices: tuple | None = None,
-    minimum: float | None = None,
-    maximum: float | None = None,
-    above: float | None = None,
-    below: float | None = None,
-    metavar: str | None = None,
-    parse: Callable[[str], object] | None = None,
-    default_text: str | None = None,
-    positional: bool = False,
-    cli: bool = True,
-    toml: bool = True,
-):
-    """A dataclass field with everything the CLI, the checks and the docs need.
-
-    ``minimum``/``maximum`` are inclusive bounds, ``above``/``below`` exclusive ones. ``parse`` turns
-    the command line's (or a TOML's) text into the value (e.g. ``"15-19"`` into ``(15, 19)``).
-    ``default_text`` is what ``--help`` says for the default instead of the value (e.g. for None).
-    ``cli=False``: no flag; ``toml=False``: not settable from a TOML file.
-    """
-    metadata = {
-        "help": help,
-        "flag": flag,
-        "group": group,
-        "choices": choices,
-        "minimum": minimum,
-        "maximum": maximum,
-        "above": above,
-        "below": below,
-        "metavar": metavar,
-        "parse": parse,
-        "default_text": default_text,
-        "positional": positional,
-        "cli": cli,
-        "toml": toml,
-    }
-    return field(default=default, metadata=metadata)
-
-
-def parse_slice_range(text: str) -> tuple[int, int]:
-    """``"15-19"`` -> (15, 19), inclusive slice indices; ``"7"`` -> (7, 7)."""
-    match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+))?\s*", str(text))
-    if not match:
-        raise ValueError("is not of the form FIRST-LAST, e.g. 15-19")
-    first = int(match.group(1))
-    last = int(match.group(2)) if match.group(2) else first
-    return first, last
-
 
 def shipped_toml(name: str) -> str:
     """The text of a TOML file that ships inside the package (``em_unet.tuning``: the top-level ``tuning/``)."""
-    from importlib import resources
-
     return resources.files("em_unet.tuning").joinpath(name).read_text(encoding="utf-8")
-
-
-# ---------------------------------------------------------------- checking one value
-
-
-def flag_of(f: dataclasses.Field) -> str | None:
-    """The command-line flag of a field (None for positional arguments and fields without one)."""
-    if not f.metadata.get("cli", True) or f.metadata.get("positional"):
-        return None
-    if f.metadata.get("flag"):
-        return f.metadata["flag"]
-    if f.default is True:  # a setting that is on by default: its flag turns it off
-        return "--no-" + f.name.replace("_", "-")
-    return "--" + f.name.replace("_", "-")
-
-
-def describe(f: dataclasses.Field) -> str:
-    """How an error names a setting: its flag and its name as config files spell it."""
-    flag = flag_of(f)
-    if f.metadata.get("positional"):
-        return f.name.upper()
-    return f"{flag} ({f.name})" if flag and flag.lstrip("-").replace("-", "_") != f.name else (flag or f.name)
-
-
-_HINTS: dict[type, dict] = {}
-
-
-def _hint(f: dataclasses.Field, owner: type):
-    if owner not in _HINTS:
-        _HINTS[owner] = typing.get_type_hints(owner)
-    return _HINTS[owner][f.name]
-
-
-def _split_optional(hint) -> tuple[object, bool]:
-    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        return args[0], len(args) < len(typing.get_args(hint))
-    return hint, False
-
-
-def _base_type(f: dataclasses.Field, owner: type):
-    return _split_optional(_hint(f, owner))[0]
-
-
-def value_type(cls: type, name: str):
-    """The type of setting ``name`` of ``cls`` without ``| None`` (``int``, ``float``, ``str``, ...)."""
-    return _base_type(cls.field(name), cls)
-
-
-def _rule(f: dataclasses.Field, base) -> str:
-    meta = f.metadata
-    if meta.get("choices"):
-        return "one of " + ", ".join(map(str, meta["choices"]))
-    if base is bool:
-        return "true or false"
-    if typing.get_origin(base) is tuple:
-        return "a slice range FIRST-LAST of slice indices with 0 <= FIRST <= LAST, e.g. 15-19"
-    paths = {"STACK": "a path or volume address", "DIR": "a folder path", "TOML": "a path", "NAME": "a folder name"}
-    text = paths.get(meta.get("metavar"), "a non-empty text")
-    kind = {int: "an integer", float: "a finite number", str: text, Path: "a path"}.get(base, str(base))
-    bounds = []
-    if meta.get("minimum") is not None:
-        bounds.append(f">= {meta['minimum']:g}")
-    if meta.get("above") is not None:
-        bounds.append(f"> {meta['above']:g}")
-    if meta.get("below") is not None:
-        bounds.append(f"< {meta['below']:g}")
-    if meta.get("maximum") is not None:
-        bounds.append(f"<= {meta['maximum']:g}")
-    return kind + (" " + " and ".join(bounds) if bounds else "")
-
-
-def check_value(f: dataclasses.Field, value, owner: type):
-    """The value of field ``f`` of ``owner`` checked and normalised (text parsed, lists made tuples)."""
-    hint = _hint(f, owner)
-    base, optional = _split_optional(hint)
-    meta = f.metadata
-    if value is None:
-        if optional:
-            return None
-        raise ConfigError(f"{describe(f)} is required: give {_rule(f, base)}")
-    bad = ConfigError(f"{describe(f)} = {value!r}: must be {_rule(f, base)}")
-    if meta.get("parse") and isinstance(value, str) and base is not str:
-        try:
-            value = meta["parse"](value)
-        except ValueError:
-            raise bad from None
-    if base is bool:
-        if not isinstance(value, bool):
-            raise bad
-    elif base is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise bad
-    elif base is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise bad
-        value = float(value)
-    elif base is str:
-        if not isinstance(value, str) or not value.strip():
-            raise bad
-    elif typing.get_origin(base) is tuple:
-        if (
-            not isinstance(value, (list, tuple))
-            or len(value) != 2
-            or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)
-            or not 0 <= value[0] <= value[1]
-        ):
-            raise bad
-        value = tuple(value)
-    if meta.get("choices") and value not in meta["choices"]:
-        raise bad
-    if base in (int, float):
-        if (
-            (meta.get("minimum") is not None and value < meta["minimum"])
-            or (meta.get("maximum") is not None and value > meta["maximum"])
-            or (meta.get("above") is not None and value <= meta["above"])
-            or (meta.get("below") is not None and value >= meta["below"])
-        ):
-            raise bad
-    return value
-
-
-# ---------------------------------------------------------------- settings classes
-
-
-class Settings:
-    """Mixed into each settings dataclass: checks every field on construction, reads and writes dicts."""
-
-    def __post_init__(self):
-        self.validate()
-
-    def validate(self) -> None:
-        """Check and normalise every field, then the rules between fields (:meth:`check`)."""
-        for f in fields(self):
-            object.__setattr__(self, f.name, check_value(f, getattr(self, f.name), type(self)))
-        self.check()
-
-    def check(self) -> None:
-        """Rules that involve several fields; override."""
-
-    def to_dict(self) -> dict:
-        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in fields(self)}
-
-    @classmethod
-    def field(cls, name: str) -> dataclasses.Field:
-        return next(f for f in fields(cls) if f.name == name)
-
-    @classmethod
-    def check_keys(cls, values: dict, where: str, allowed: Iterable[str] | None = None) -> None:
-        """Refuse keys that are not settings of ``cls`` (or not in ``allowed``), naming the valid ones."""
-        valid = list(allowed) if allowed is not None else [f.name for f in fields(cls) if f.metadata.get("toml", True)]
-        unknown = [key for key in values if key not in valid]
-        if unknown:
-            raise ConfigError(f"{where}: unknown settings {', '.join(map(repr, unknown))} (valid: {', '.join(valid)})")
-
-    @classmethod
-    def from_dict(cls, values: dict, where: str, allowed: Iterable[str] | None = None, **fixed):
-        """Build from a TOML table or a JSON record; errors are prefixed with ``where`` (a file and table)."""
-        cls.check_keys(values, where, allowed)
-        try:
-            return cls(**{**values, **fixed})
-        except ConfigError as err:
-            raise ConfigError(f"{where}: {err}") from None
 
 
 # ---------------------------------------------------------------- training
@@ -487,7 +256,7 @@ class TrainConfig(Settings):
     def augment_config(self):
         """The :class:`~em_unet.training.augment.AugmentConfig` this run trains with, or None when ``augment``
         is off."""
-        from em_unet.training.augment import AugmentConfig
+        from em_unet.training.augment import AugmentConfig  # here, not above: it imports TensorFlow
 
         if not self.augment:
             return None
@@ -623,7 +392,8 @@ class PredictConfig(Settings):
         minimum=16,
         maximum=16384,
         metavar="PX",
-        default_text="the whole slice plus margins, up to 1024 px a side; larger slices are tiled",
+        default_text="the whole slice plus margins, up to 1024 px a side; larger slices get the fewest tiles of "
+        "at most 1024 px that cover them",
     )
     margin: int = setting(
         16,
@@ -634,10 +404,10 @@ class PredictConfig(Settings):
         metavar="PX",
     )
     overlap: int = setting(
-        16,
-        "pixels over which neighbouring tiles are blended",
-        default_text="16; 0 for chunked outputs, where each block is one tile and an overlap would make each "
-        "block predict its neighbours' tiles too",
+        0,
+        "pixels over which neighbouring tiles are blended (0: tiles meet at their cores, each with --margin px of "
+        "context; on chunked outputs an overlap makes each block also predict the parts of its neighbours' tiles "
+        "that reach into it)",
         group="prediction",
         minimum=0,
         maximum=4096,
@@ -664,13 +434,22 @@ class PredictConfig(Settings):
         minimum=64,
         maximum=16384,
         metavar="PX",
-        default_text="the input's chunk side, else 512",
+        default_text="along the auto tiles' cores (a block per tile); with --tile, the input's chunk side, else 512",
     )
 
     def check(self) -> None:
         check_tiling(self.tile, self.margin, self.overlap)
         if self.segment and (self.binary or self.isbi):
             raise ConfigError("--segment needs the membrane probability: leave out --binary and --isbi")
+
+
+def check_tiling(tile: int | None, margin: int, overlap: int) -> None:
+    """Refuse a tile (pixels) that leaves no core once ``margin`` and ``overlap`` are taken off."""
+    if tile is not None and tile - 2 * margin - overlap < 1:
+        raise ConfigError(
+            f"--tile {tile} px leaves no core after 2 x --margin {margin} px and --overlap "
+            f"{overlap} px: choose --tile >= {2 * margin + overlap + 16} or a smaller margin"
+        )
 
 
 @dataclass
@@ -705,22 +484,6 @@ class VolumeOptions(Settings):
             raise ConfigError(
                 "--scheduler and --workers both given: --workers sizes the LocalCluster that --scheduler replaces"
             )
-
-
-def check_tiling(tile: int | None, margin: int, overlap: int) -> None:
-    """Refuse a tile (pixels) that leaves no core once ``margin`` and ``overlap`` are taken off."""
-    if tile is not None and tile - 2 * margin - overlap < 1:
-        raise ConfigError(
-            f"--tile {tile} px leaves no core after 2 x --margin {margin} px and --overlap "
-            f"{overlap} px: choose --tile >= {2 * margin + overlap + 16} or a smaller margin"
-        )
-
-
-def check_prediction_settings(tile: int | None, margin: int, overlap: int, tile_batch: int) -> None:
-    """The checks of :class:`PredictConfig` for library callers that pass the values one by one."""
-    for name, value in (("tile", tile), ("margin", margin), ("overlap", overlap), ("tile_batch", tile_batch)):
-        check_value(PredictConfig.field(name), value, PredictConfig)
-    check_tiling(tile, margin, overlap)
 
 
 # ---------------------------------------------------------------- the other commands' own options
@@ -789,120 +552,7 @@ class PlotOptions(Settings):
     output: str | None = setting(None, "where the PNGs go", flag="-o", metavar="DIR", default_text="FOLDER/report")
 
 
-# ---------------------------------------------------------------- the command line
-
-
-def _default_text(f: dataclasses.Field, note: str | None = None) -> str | None:
-    if note:
-        return note
-    if f.metadata.get("default_text"):
-        return f.metadata["default_text"]
-    if f.default is dataclasses.MISSING or isinstance(f.default, bool) or f.default is None:
-        return None
-    return f"{f.default:g}" if isinstance(f.default, float) else str(f.default)
-
-
-def help_text(f: dataclasses.Field, note: str | None = None) -> str:
-    """The help of a field with its default."""
-    default = _default_text(f, note)
-    return f.metadata["help"] + (f" (default: {default})" if default else "")
-
-
-def selected(cls: type, include: Iterable[str] | None = None, exclude: Iterable[str] = ()) -> list:
-    chosen = [f for f in fields(cls) if f.metadata.get("cli", True) and f.name not in set(exclude)]
-    if include is not None:
-        wanted = list(include)
-        chosen = sorted((f for f in chosen if f.name in wanted), key=lambda f: wanted.index(f.name))
-    return chosen
-
-
-def add_arguments(
-    parser: argparse.ArgumentParser,
-    cls: type,
-    include: Iterable[str] | None = None,
-    exclude: Iterable[str] = (),
-    notes: dict[str, str] | None = None,
-) -> None:
-    """Add a flag (or positional argument) for each chosen field of the settings class ``cls``.
-
-    Flags default to "not given" (``argparse.SUPPRESS``), so :func:`from_args` knows what the user
-    set and the class supplies every default. ``notes`` replaces the default shown for a field
-    (e.g. "from the TOML").
-    """
-    notes = notes or {}
-    groups = parser.__dict__.setdefault("_em_unet_groups", {})
-    for f in selected(cls, include, exclude):
-        meta = f.metadata
-        kwargs = {"help": help_text(f, notes.get(f.name)).replace("%", "%%")}
-        base = _base_type(f, cls)
-        if base is bool:
-            kwargs["action"] = "store_false" if f.default is True else "store_true"
-        else:
-            kwargs["type"] = {int: int, float: float}.get(base, str)
-            if meta.get("choices"):
-                kwargs["choices"] = meta["choices"]
-            kwargs["metavar"] = meta.get("metavar") or {int: "N", float: "X"}.get(base, "TEXT")
-            if meta.get("choices"):
-                kwargs.pop("metavar")
-        if meta.get("positional"):
-            if not meta.get("metavar"):
-                kwargs.pop("metavar", None)
-            parser.add_argument(f.name, **kwargs)
-            continue
-        kwargs["dest"] = f.name
-        kwargs["default"] = argparse.SUPPRESS
-        if f.default is dataclasses.MISSING:
-            kwargs["required"] = True
-        names = [flag_of(f)]
-        if names[0] == "-o":
-            names.append("--output")
-        target = parser
-        if meta.get("group", "options") != "options":
-            title = GROUPS[meta["group"]]
-            target = groups.get(title) or groups.setdefault(title, parser.add_argument_group(title))
-        target.add_argument(*names, **kwargs)
-
-
-def given(args: argparse.Namespace, cls: type) -> dict:
-    """The settings of ``cls`` the user gave on the command line."""
-    return {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
-
-
-def from_args(cls: type, args: argparse.Namespace, **overrides):
-    """Build ``cls`` from the flags given (defaults for the rest); checks every value."""
-    return cls(**{**given(args, cls), **overrides})
-
-
-def to_flags(settings: Settings, exclude: Iterable[str] = ()) -> list[str]:
-    """The command-line flags that give ``settings`` again (:func:`from_args` reads them back): every
-    value that is not None, and each on/off setting that differs from its default."""
-    flags = []
-    for f in selected(type(settings), exclude=exclude):
-        value = getattr(settings, f.name)
-        if f.metadata.get("positional") or value is None:
-            continue
-        if isinstance(value, bool):
-            if value != f.default:
-                flags.append(flag_of(f))
-            continue
-        text = (
-            f"{value[0]}-{value[1]}" if isinstance(value, tuple) else repr(value) if isinstance(value, float) else value
-        )
-        flags += [flag_of(f), str(text)]
-    return flags
-
-
-def flags_markdown(cls: type, include: Iterable[str] | None = None, exclude: Iterable[str] = ()) -> str:
-    """A Markdown table of the flags of ``cls`` (the README's tables are these)."""
-    lines = ["| flag | default | valid | what it does |", "| --- | --- | --- | --- |"]
-    for f in selected(cls, include, exclude):
-        if f.metadata.get("positional"):
-            continue
-        base = _base_type(f, cls)
-        default = _default_text(f) or ("required" if f.default is dataclasses.MISSING else "off")
-        valid = "" if base is bool else _rule(f, base)
-        lines.append(f"| `{flag_of(f)}` | {default} | {valid} | {f.metadata['help']} |")
-    return "\n".join(lines)
+# ---------------------------------------------------------------- the README's flag tables
 
 
 README_TABLES = {

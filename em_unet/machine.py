@@ -37,9 +37,16 @@ def threads_per_worker(workers: int) -> int:
     return max(1, cpu_cores() // max(1, workers))
 
 
+def gpu_count() -> int:
+    """The GPUs TensorFlow sees here."""
+    import tensorflow as tf  # lazy: only callers that may place work on GPUs pay for TensorFlow
+
+    return len(tf.config.list_physical_devices("GPU"))
+
+
 def machine_description() -> str:
     """E.g. ``Intel(R) Xeon(R) Processor, 2 cores, AMX-BF16, TensorFlow 2.21.0, no GPU``."""
-    import tensorflow as tf
+    import tensorflow as tf  # lazy: this module also serves commands that never load TensorFlow
 
     model = _cpuinfo().get("model name") or platform.processor() or platform.machine()
     bf16 = [name for flag, name in (("amx_bf16", "AMX-BF16"), ("avx512_bf16", "AVX512-BF16")) if flag in cpu_flags()]
@@ -55,10 +62,15 @@ def machine_description() -> str:
     )
 
 
+# The precisions a run trains in (--precision): Keras dtype policies, and "auto", which resolve_precision
+# turns into one of them on this machine.
+PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
+
+
 def resolve_precision(precision: str) -> str:
     """``auto``: bfloat16 on CPUs with AMX or AVX512-BF16 and on GPUs of compute capability >= 8,
     float16 on older GPUs, float32 otherwise."""
-    import tensorflow as tf
+    import tensorflow as tf  # lazy: this module also serves commands that never load TensorFlow
 
     if precision != "auto":
         return precision
@@ -73,7 +85,7 @@ def resolve_precision(precision: str) -> str:
 def precision_policy(precision: str):
     """Set Keras' global dtype policy for the block (``auto`` resolved) and yield its name; the previous
     policy is restored however the block ends."""
-    import keras
+    import keras  # lazy: this module also serves commands that never load TensorFlow
 
     previous = keras.mixed_precision.global_policy()
     resolved = resolve_precision(precision)

@@ -1,7 +1,6 @@
-"""The one configuration: every bad value refused up front in one line naming the setting; flags derived."""
+"""The declared settings: every bad value refused up front in one line naming the setting; the choice lists
+are the registries' names; the README's tables and the command line are these settings."""
 
-import argparse
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -9,8 +8,20 @@ from pathlib import Path
 import pytest
 
 from em_unet import cli
-from em_unet.config import PredictConfig, SearchConfig, TrainConfig, add_arguments, flags_markdown, from_args, selected
+from em_unet.config import (
+    AUGMENT_PLACEMENTS,
+    ELASTIC_BACKENDS,
+    LOSSES,
+    LR_SCHEDULES,
+    OPTIMIZERS,
+    PRECISIONS,
+    STRATEGIES,
+    PredictConfig,
+    SearchConfig,
+    TrainConfig,
+)
 from em_unet.errors import ConfigError
+from em_unet.settings import flags_markdown, selected
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -64,7 +75,7 @@ def test_every_bad_training_setting_is_refused_in_one_line(values, message):
 
 BAD_PREDICT = [
     ({"tile": 8}, "--tile = 8"),
-    ({"tile": 40}, "--tile 40 px leaves no core"),
+    ({"tile": 40, "overlap": 16}, "--tile 40 px leaves no core"),
     ({"tile": 64, "margin": 32}, "--tile 64 px leaves no core"),
     ({"margin": -1}, "--margin = -1"),
     ({"overlap": -8}, "--overlap = -8"),
@@ -80,28 +91,6 @@ def test_bad_prediction_settings_are_refused(values, message):
     assert message in str(err.value)
 
 
-def test_study_and_search_toml_values_are_checked_like_flags():
-    with pytest.raises(ConfigError, match=r"space.toml \[tuner\]: --max-trials = 0"):
-        SearchConfig.from_dict({"max_trials": 0}, "space.toml [tuner]")
-    with pytest.raises(ConfigError, match=r"study.toml \[study\]: unknown settings 'width'"):
-        TrainConfig.from_dict({"width": 3}, "study.toml [study]", data="d", labels="l")
-    with pytest.raises(ConfigError, match=r"x.json: --loss = 'l2'"):
-        TrainConfig.from_dict({"loss": "l2"}, "x.json", data="d", labels="l")
-
-
-def test_flags_come_from_the_configuration():
-    """Every TrainConfig field has exactly one flag on train, with the class's default and choices."""
-    parser = argparse.ArgumentParser()
-    add_arguments(parser, TrainConfig)
-    flags = {action.dest: action for action in parser._actions if action.dest != "help"}
-    assert set(flags) == {f.name for f in selected(TrainConfig)}
-    assert flags["optimizer"].choices == ("sgd", "adam", "adamax")
-    assert "(default: 3e-4)" not in flags["learning_rate"].help and "(default: 0.0003)" in flags["learning_rate"].help
-    args = parser.parse_args(["--data", "d", "--labels", "l", "--val-slices", "15-19", "--no-augment"])
-    config = from_args(TrainConfig, args)
-    assert config == TrainConfig(data="d", labels="l", val_slices=(15, 19), augment=False)
-
-
 def test_tune_offers_every_training_flag_but_run_name():
     parser = cli.build_parser()
     tune = parser._subparsers._group_actions[0].choices["tune"]
@@ -110,10 +99,43 @@ def test_tune_offers_every_training_flag_but_run_name():
     assert {"algorithm", "max_trials", "project", "overwrite", "worker_timeout"} <= dests
 
 
-def test_config_json_round_trips(tmp_path):
-    config = TrainConfig(data="d", labels="l", val_slices=(15, 19), lr_schedule="cosine")
-    (tmp_path / "config.json").write_text(json.dumps(config.to_dict()))
-    assert TrainConfig.from_dict(json.loads((tmp_path / "config.json").read_text()), "config.json") == config
+def test_choice_lists_are_the_names_of_the_registries_that_implement_them():
+    from em_unet import machine
+    from em_unet.training import augment, distribute, losses, optimizers
+
+    assert LOSSES == tuple(losses.LOSSES) == ("bce", "dice", "bce_dice", "weighted_bce")
+    assert OPTIMIZERS == tuple(optimizers.OPTIMIZERS) == ("sgd", "adam", "adamax")
+    assert LR_SCHEDULES == tuple(optimizers.LR_SCHEDULES) == ("constant", "cosine")
+    assert ELASTIC_BACKENDS == tuple(augment.ELASTIC_BACKENDS) == ("tensorflow", "elasticdeform")
+    assert AUGMENT_PLACEMENTS == augment.PLACEMENTS == ("auto", "pipeline", "step")
+    assert STRATEGIES == ("auto", *distribute.STRATEGIES) == ("auto", "one-device", "mirrored", "multi-worker")
+    assert PRECISIONS is machine.PRECISIONS
+
+
+def test_commands_that_do_not_train_never_import_tensorflow():
+    """The registries' modules import TensorFlow; the configuration and every command's flags are declared
+    without them, and only a command that checks or lists those choices reads them."""
+    code = (
+        "import sys\n"
+        "from em_unet import cli\n"
+        "parser = cli.build_parser()\n"
+        "parser.parse_args(['evaluate', 'p.tif', 'l.tif'])\n"
+        "parser.parse_args(['segment', 'p.tif', '-o', 's.tif'])\n"
+        "parser.parse_args(['plot', 'logs'])\n"
+        "loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras', 'keras_tuner'))\n"
+        "assert not loaded, loaded[:5]\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+
+
+def test_train_help_lists_the_registries_names(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["train", "--help"])
+    assert exit_.value.code == 0
+    usage = " ".join(capsys.readouterr().out.split())
+    assert "--loss {bce,dice,bce_dice,weighted_bce}" in usage
+    assert "--strategy {auto,one-device,mirrored,multi-worker}" in usage
 
 
 def test_readme_flag_tables_are_the_configuration():

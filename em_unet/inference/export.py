@@ -26,14 +26,11 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from em_unet.config import EXPORT_PRECISIONS
 from em_unet.errors import EmUnetError
+from em_unet.inference.serving import INPUT_NAME, OUTPUT_NAME, SIGNATURE, next_version
 from em_unet.io.files import check_writable, new_folder
 from em_unet.machine import precision_policy
 
-SIGNATURE = "serving_default"
-INPUT_NAME = "image"
-OUTPUT_NAME = "membrane_probability"
 RENAME_ATTEMPTS = 100
 
 # Dtype-policy names that compute in half precision; rewritten to "float32" in the float32 copy.
@@ -42,26 +39,6 @@ _HALF_POLICIES = ("mixed_float16", "mixed_bfloat16", "float16", "bfloat16")
 _TAKEN_ERRNOS = (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR)
 # Causes looked for in TensorFlow / h5py messages, which carry no errno.
 _WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EIO)
-
-
-def _version_number(name: str) -> int | None:
-    """The version a folder-entry name stands for, or None (ASCII digits only: ``int("²")`` fails)."""
-    return int(name) if name.isascii() and name.isdigit() else None
-
-
-def versions(model_dir: str | Path) -> list[int]:
-    """The integer versions present under a model folder (numeric folders only), ascending."""
-    model_dir = Path(model_dir)
-    if not model_dir.is_dir():
-        return []
-    found = (_version_number(p.name) for p in model_dir.iterdir() if p.is_dir())
-    return sorted(v for v in found if v is not None)
-
-
-def _next_version(model_dir: Path) -> int:
-    """One above the highest numeric name in ``model_dir``, files included (a stray file ``2`` blocks version 2)."""
-    taken = (_version_number(name) for name in os.listdir(model_dir))
-    return max((v for v in taken if v is not None), default=0) + 1
 
 
 def _all_layers(model: keras.Layer) -> Iterator[keras.Layer]:
@@ -124,6 +101,10 @@ def float32_copy(model: keras.Model) -> keras.Model:
     return copy
 
 
+# What each --export-precision exports: the registry the flag's choices come from.
+EXPORT_PRECISIONS = {"float32": float32_copy, "trained": lambda model: model}
+
+
 def _cause(err: BaseException) -> str:
     """A one-line cause: ``strerror`` when known, else the first line of the message."""
     strerror = getattr(err, "strerror", None)
@@ -144,7 +125,7 @@ def _publish(staged: Path, model_dir: Path) -> Path:
     up after :data:`RENAME_ATTEMPTS` so a folder that keeps refusing cannot hang us.
     """
     for _ in range(RENAME_ATTEMPTS):
-        target = model_dir / str(_next_version(model_dir))
+        target = model_dir / str(next_version(model_dir))
         try:
             os.rename(staged, target)
             return target
@@ -180,7 +161,7 @@ def export_saved_model(
     """
     if precision not in EXPORT_PRECISIONS:
         raise EmUnetError(f"export precision {precision!r} is not one of: {', '.join(EXPORT_PRECISIONS)}")
-    served = float32_copy(model) if precision == "float32" else model
+    served = EXPORT_PRECISIONS[precision](model)
     model_dir = Path(base_dir) / model_name
     check_writable(model_dir / "probe", overwrite=True)
     archive = keras.export.ExportArchive()

@@ -10,23 +10,26 @@ predicted and written one at a time.
 
 from __future__ import annotations
 
-import functools
+import zipfile
+import zlib
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
-from em_unet.config import PredictConfig, check_prediction_settings
+from em_unet.config import PredictConfig
 from em_unet.errors import EmUnetError
+from em_unet.inference.serving import INPUT_NAME, OUTPUT_NAME, SIGNATURE, versions
+from em_unet.inference.tiling import TileGrid, Tiling
+from em_unet.io.stacks import iter_image_slices
+from em_unet.io.writers import check_output, open_output
 
 OUTPUT_KINDS = ("probability", "binary")
 
 
 def resolve_model_path(path: str | Path) -> Path:
     """A ``.keras`` file, a SavedModel folder, or a folder of numbered versions (the newest is taken)."""
-    from em_unet.inference.export import versions
-
     path = Path(path)
     if not path.exists():
         raise EmUnetError(f"{path}: no such model file or folder")
@@ -70,7 +73,7 @@ def load_predictor(path: str | Path) -> Callable[[np.ndarray], np.ndarray]:
 
 def keras_predictor(model) -> Callable[[np.ndarray], np.ndarray]:
     """Tiles -> probabilities through a Keras model, traced once per tile shape."""
-    import tensorflow as tf
+    import tensorflow as tf  # lazy: TensorFlow only where a model runs
 
     serve = tf.function(lambda x: model(x, training=False))
     return lambda tiles: serve(tf.constant(tiles)).numpy()
@@ -84,12 +87,9 @@ def _first_line(err: BaseException, limit: int = 200) -> str:
 
 def _load_keras(path: Path):
     """A Keras 3 model from a ``.keras`` file, or a one-line error saying why the file is not one."""
-    import zipfile
-    import zlib
+    import keras  # lazy: TensorFlow only where a model runs
 
-    import keras
-
-    import em_unet.training.model  # noqa: F401  registers the custom layer
+    import em_unet.training.model  # noqa: F401  lazy, with Keras: registers the U-Net's custom layer
 
     # Keras reports any unreadable file as "File not found": say what is wrong with it instead
     if path.stat().st_size == 0:
@@ -117,9 +117,7 @@ def _load_keras(path: Path):
 
 def _load_saved_model(path: Path):
     """em-unet's serving signature of a SavedModel folder, or a one-line error saying why there is none."""
-    import tensorflow as tf
-
-    from em_unet.inference.export import INPUT_NAME, OUTPUT_NAME, SIGNATURE
+    import tensorflow as tf  # lazy: TensorFlow only where a model runs
 
     graph = path / "saved_model.pb"
     if graph.stat().st_size == 0:
@@ -163,98 +161,6 @@ def _load(path: Path):
     return _load_saved_model(path)
 
 
-def _ramp(side: int, margin: int, overlap: int) -> np.ndarray:
-    """0 in the outer ``margin`` px (context only), a linear ramp over ``overlap`` px, 1 inside. Every pixel
-    of a slice lies inside some tile's margins, so no weight sum is 0; and a tile whose margins alone reach
-    into a block is not needed there."""
-    from_edge = np.minimum(np.arange(side), np.arange(side)[::-1]).astype(np.float32)
-    return np.clip((from_edge - margin + 1) / (overlap + 1), 0.0, 1.0)
-
-
-@functools.lru_cache(maxsize=8)
-def _tile_weight(tile_h: int, tile_w: int, margin: int, overlap: int, views: int) -> np.ndarray:
-    """The blending weight of one of ``views`` outputs of a tile (the same for every slice of a stack: made once)."""
-    weight = np.outer(_ramp(tile_h, margin, overlap), _ramp(tile_w, margin, overlap)) / views
-    weight.flags.writeable = False
-    return weight
-
-
-AUTO_TILE_MAX = 1024  # px: the largest tile side "auto" picks; larger slices are tiled
-TILE_MULTIPLE = 32  # px: auto tiles suit U-Nets up to depth 5
-
-
-def tile_shape(height: int, width: int, tile: int | None, margin: int) -> tuple[int, int]:
-    """``tile`` x ``tile``, or for ``None`` ("auto") the whole slice plus its margins, rounded up to a
-    multiple of 32 px and at most 1024 px a side: one forward pass per slice where that fits."""
-    if tile:
-        return tile, tile
-
-    def fit(side):
-        return min(AUTO_TILE_MAX, -(-(side + 2 * margin) // TILE_MULTIPLE) * TILE_MULTIPLE)
-
-    return fit(height), fit(width)
-
-
-def _tiling(size: int, tile: int, margin: int, overlap: int) -> tuple[int, int]:
-    """(tile origins' stride, number of tiles) along one axis of ``size`` px."""
-    stride = tile - 2 * margin - overlap
-    if margin < 0 or overlap < 0 or stride < 1:
-        raise ValueError(f"margin {margin} px and overlap {overlap} px leave no core in {tile} px tiles")
-    return stride, max(1, -(-(size + 2 * margin - tile) // stride) + 1)
-
-
-@dataclass(frozen=True)
-class TileGrid:
-    """Where the tiles of one slice of ``height`` x ``width`` px sit, in the coordinates of the slice
-    mirror-padded by ``margin`` px on the top and left (and enough on the bottom and right for whole tiles).
-
-    The grid depends only on the slice's size and the settings, so a part of a slice (a block of a
-    chunked volume) predicted with the tiles of the grid that reach into it gets exactly the values
-    the whole slice would.
-    """
-
-    height: int
-    width: int
-    tile_h: int
-    tile_w: int
-    stride_h: int
-    stride_w: int
-    rows: int
-    cols: int
-    margin: int
-    overlap: int
-
-    @property
-    def padded_shape(self) -> tuple[int, int]:
-        return (self.rows - 1) * self.stride_h + self.tile_h, (self.cols - 1) * self.stride_w + self.tile_w
-
-    @property
-    def pad_mode(self) -> str:
-        return "symmetric" if min(self.height, self.width) < 2 else "reflect"
-
-    def padded_index(self, axis: int) -> np.ndarray:
-        """For each padded row (axis 0) or column (axis 1), the row or column of the slice it mirrors."""
-        size = (self.height, self.width)[axis]
-        return np.pad(np.arange(size), (self.margin, self.padded_shape[axis] - size - self.margin), self.pad_mode)
-
-    def origins(self, region: tuple[int, int, int, int] | None = None) -> list[tuple[int, int]]:
-        """Padded (row, column) origins of the tiles whose output (the tile without its margins) reaches into
-        ``region`` (y0, y1, x0, x1 of the slice, pixels; default the whole slice), row by row."""
-        y0, y1, x0, x1 = region or (0, self.height, 0, self.width)
-        core_h, core_w = self.tile_h - 2 * self.margin, self.tile_w - 2 * self.margin
-        rows = [r * self.stride_h for r in range(self.rows)]
-        cols = [c * self.stride_w for c in range(self.cols)]
-        return [(r, c) for r in rows if r < y1 and r + core_h > y0 for c in cols if c < x1 and c + core_w > x0]
-
-
-def tile_grid(height: int, width: int, tile: int | None, margin: int, overlap: int) -> TileGrid:
-    """The tile grid of a ``height`` x ``width`` px slice (see :func:`tile_shape` for ``tile=None``)."""
-    tile_h, tile_w = tile_shape(height, width, tile, margin)
-    stride_h, rows = _tiling(height, tile_h, margin, overlap)
-    stride_w, cols = _tiling(width, tile_w, margin, overlap)
-    return TileGrid(height, width, tile_h, tile_w, stride_h, stride_w, rows, cols, margin, overlap)
-
-
 def _dihedral(tiles: np.ndarray, k: int, inverse: bool = False) -> np.ndarray:
     """The k-th of the 8 flips/rotations of tiles (n, h, w, c), or its inverse."""
     flip, turns = divmod(k, 4)
@@ -278,7 +184,7 @@ class _Blend:
         bottom = max(r for r, _ in self.origins) + grid.tile_h
         right = max(c for _, c in self.origins) + grid.tile_w
         self.padded = read_padded(self.top, bottom, self.left, right)
-        self.window = _tile_weight(grid.tile_h, grid.tile_w, grid.margin, grid.overlap, views)
+        self.window = grid.weight(views)
         self.total = np.zeros((bottom - self.top, right - self.left), np.float32)
         self.weight = np.zeros_like(self.total)
         self.waiting = len(self.origins) * views  # tile outputs not yet added
@@ -345,11 +251,12 @@ def predict_regions(
     yield from finished()
 
 
-def _whole_slice(image: np.ndarray, tile: int | None, margin: int, overlap: int):
+def _whole_slice(image: np.ndarray, tiling: Tiling):
     """``(read_padded, grid, region)`` of a whole 2-D slice for :func:`predict_regions`."""
     height, width = image.shape
-    grid = tile_grid(height, width, tile, margin, overlap)
+    grid = tiling.grid(height, width)
     padded_h, padded_w = grid.padded_shape
+    margin = tiling.margin
     pad = ((margin, padded_h - height - margin), (margin, padded_w - width - margin))
     padded = np.pad(image.astype(np.float32, copy=False), pad, mode=grid.pad_mode)
     return (lambda r0, r1, c0, c1: padded[r0:r1, c0:c1]), grid, (0, height, 0, width)
@@ -358,45 +265,27 @@ def _whole_slice(image: np.ndarray, tile: int | None, margin: int, overlap: int)
 def predict_slice(
     predictor: Callable[[np.ndarray], np.ndarray],
     image: np.ndarray,
-    tile: int | None = PredictConfig.tile,
-    margin: int = PredictConfig.margin,
-    overlap: int = PredictConfig.overlap,
-    tile_batch: int = PredictConfig.tile_batch,
+    tiling: Tiling = Tiling(),
     tta: bool = PredictConfig.tta,
 ) -> np.ndarray:
-    """Membrane probability (float32, same shape) of one 2-D slice in [0, 1] by overlap-tile prediction.
-
-    Args:
-        tile: tile side in pixels (a multiple of ``2**depth`` of the model), or None: the
-            whole slice in one tile where it fits (:func:`tile_shape`).
-        margin: pixels at each tile border used as context only; the slice is
-            mirror-padded by this much so every pixel is covered.
-        overlap: pixels over which neighbouring tiles' outputs are blended.
-        tile_batch: tiles per forward pass (sets peak memory).
-        tta: average the 8 flips/rotations of every tile.
-    """
-    return next(predict_stack(predictor, [image], tile, margin, overlap, tile_batch, tta))
+    """Membrane probability (float32, same shape) of one 2-D slice in [0, 1] by overlap-tile prediction,
+    cut into tiles as ``tiling`` says; ``tta`` averages the 8 flips/rotations of every tile."""
+    return next(predict_stack(predictor, [image], tiling, tta))
 
 
 def predict_stack(
     predictor: Callable[[np.ndarray], np.ndarray],
     images: Iterable[np.ndarray],
-    tile: int | None = PredictConfig.tile,
-    margin: int = PredictConfig.margin,
-    overlap: int = PredictConfig.overlap,
-    tile_batch: int = PredictConfig.tile_batch,
+    tiling: Tiling = Tiling(),
     tta: bool = PredictConfig.tta,
     progress: bool = False,
 ) -> Iterator[np.ndarray]:
     """Yield the membrane probability of each float32 slice in [0, 1] of ``images`` (an array or an
-    iterator), in order. Slices smaller than a tile share forward passes of ``tile_batch`` tiles."""
-    from tqdm import tqdm
-
-    check_prediction_settings(tile, margin, overlap, tile_batch)
-    regions = (_whole_slice(image, tile, margin, overlap) for image in images)
+    iterator), in order. Slices smaller than a tile share forward passes of ``tiling.tile_batch`` tiles."""
+    regions = (_whole_slice(image, tiling) for image in images)
     total = len(images) if hasattr(images, "__len__") else None
     yield from tqdm(
-        predict_regions(predictor, regions, tile_batch, tta),
+        predict_regions(predictor, regions, tiling.tile_batch, tta),
         desc="predicting",
         unit="slice",
         total=total,
@@ -408,14 +297,11 @@ def predict_file(
     model_path: str | Path,
     stack_path: str | Path,
     output_path: str | Path,
-    tile: int | None = PredictConfig.tile,
-    margin: int = PredictConfig.margin,
-    overlap: int = PredictConfig.overlap,
-    tile_batch: int = PredictConfig.tile_batch,
+    tiling: Tiling = Tiling(),
     tta: bool = PredictConfig.tta,
-    binary: bool = False,
-    isbi: bool = False,
-    overwrite: bool = False,
+    binary: bool = PredictConfig.binary,
+    isbi: bool = PredictConfig.isbi,
+    overwrite: bool = PredictConfig.overwrite,
     progress: bool = True,
 ) -> Path:
     """Predict a stack file and write a TIFF stack that opens in Fiji.
@@ -424,20 +310,11 @@ def predict_file(
     (1 = cell interior, the ISBI 2012 submission convention); ``binary`` writes
     uint8 0/255 thresholded at 0.5 (255 = membrane, or cell interior with ``isbi``).
     """
-    import tifffile
-
-    from em_unet.io.files import atomic_output, check_writable
-    from em_unet.io.stacks import iter_image_slices
-
-    check_prediction_settings(tile, margin, overlap, tile_batch)  # before the model loads: fail fast
-    check_writable(output_path, overwrite)
+    check_output(output_path, overwrite)  # before the model loads: fail fast
     predictor = load_predictor(model_path)
-    images = iter_image_slices(stack_path)  # a bad stack fails inside atomic_output, which then leaves nothing
-    with atomic_output(output_path, overwrite) as tmp:
-        with tifffile.TiffWriter(tmp, imagej=True) as writer:
-            for probability in predict_stack(predictor, images, tile, margin, overlap, tile_batch, tta, progress):
-                value = 1.0 - probability if isbi else probability
-                if binary:
-                    value = np.where(value > 0.5, 255, 0).astype(np.uint8)
-                writer.write(value.astype(np.uint8 if binary else np.float32), contiguous=True)
+    images = iter_image_slices(stack_path)  # a bad stack fails inside open_output, which then leaves nothing
+    with open_output(output_path, dtype=np.uint8 if binary else np.float32, overwrite=overwrite) as writer:
+        for probability in predict_stack(predictor, images, tiling, tta, progress):
+            value = 1.0 - probability if isbi else probability
+            writer.write(np.where(value > 0.5, 255, 0) if binary else value)
     return Path(output_path)

@@ -1,4 +1,4 @@
-"""EM stacks on disk and the tf.data pipelines that feed training.
+"""EM stacks on disk: reading them, and the intensity and label conventions (no TensorFlow).
 
 Stacks are ``(z, y, x)`` arrays: slices by rows by columns. They are read from a
 multi-page TIFF (every page of every series, in file order, so a TIFF written
@@ -27,15 +27,16 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-import tensorflow as tf
+import tifffile
+from PIL import Image, UnidentifiedImageError
+from tifffile import TIFF, TiffPageSeries
 
-from em_unet.config import LABEL_CONVENTIONS
 from em_unet.errors import DataError, DependencyError, EmUnetError
-from em_unet.training.augment import RNG, AugmentConfig, augment_batch
+from em_unet.io.volumes import is_volume_address, open_volume
 
 SLICE_SUFFIXES = (".tif", ".tiff", ".png")
 
@@ -79,7 +80,6 @@ class _TiffProblems(logging.Handler):
 
 def _missing_codec(page) -> str | None:
     """Why tifffile cannot decode ``page`` (its compression or predictor), or None when it can."""
-    from tifffile import TIFF
 
     for table, key in ((TIFF.DECOMPRESSORS, page.compression), (TIFF.UNPREDICTORS, page.predictor)):
         try:
@@ -109,7 +109,6 @@ def _tiff_parts(path: Path, tif) -> list:
     Every series counts: a stack written slice by slice (``tifffile.imwrite(..., append=True)``)
     holds one series per slice. Reduced-resolution pages (thumbnails, previews) are not slices.
     """
-    from tifffile import TiffPageSeries
 
     parts: list = []
     for series in tif.series:
@@ -169,7 +168,6 @@ def _tiff_parts(path: Path, tif) -> list:
 def _iter_tiff(path: Path) -> Iterator[np.ndarray]:
     """Slices of a TIFF, every page of every series in file order, one page at a time, so a long
     stack is never all in memory (a packed series, with several slices per page, is read whole)."""
-    import tifffile
 
     problems = _TiffProblems()
     logger = logging.getLogger("tifffile")
@@ -208,7 +206,6 @@ def _iter_tiff(path: Path) -> Iterator[np.ndarray]:
 
 
 def _read_png(path: Path) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as image:
@@ -227,7 +224,6 @@ VOLUME_SLAB_BYTES = 256 * 2**20  # at most this much of a chunked volume is held
 
 def _iter_volume(address: str | Path) -> Iterator[np.ndarray]:
     """Slices of an HDF5/Zarr/OME-Zarr volume, read one chunk-deep slab at a time."""
-    from em_unet.io.volumes import open_volume
 
     with open_volume(address) as volume:
         slice_bytes = volume.shape[1] * volume.shape[2] * volume.dtype.itemsize
@@ -248,7 +244,6 @@ def iter_slices(path: str | Path) -> Iterator[np.ndarray]:
     :class:`DataError` with a one-line message for anything that is not a
     grayscale stack.
     """
-    from em_unet.io.volumes import is_volume_address
 
     if is_volume_address(path):
         yield from _iter_volume(path)
@@ -353,7 +348,7 @@ def volume_intensity_range(volume, client=None) -> tuple[float, float]:
     dtype = np.dtype(volume.dtype)
     if dtype in FIXED_RANGES:
         return FIXED_RANGES[dtype]
-    import dask.array as da
+    import dask.array as da  # lazy: Dask only for a volume whose range needs a pass over its data
 
     array = da.from_array(volume, chunks=volume.chunks, asarray=True)
     parts = [da.nanmin(array), da.nanmax(array), da.isfinite(array).all()]
@@ -378,7 +373,8 @@ def membrane_target(labels: np.ndarray, convention: str = "auto", source: str = 
     return (labels == MEMBRANE_VALUE[convention]).astype(np.float32)
 
 
-MEMBRANE_VALUE = {"isbi": 0, "mask": 1}
+MEMBRANE_VALUE = {"isbi": 0, "mask": 1}  # the label conventions: the value that marks membrane
+LABEL_CONVENTIONS = ("auto", *MEMBRANE_VALUE)
 
 
 def label_convention_of(values: np.ndarray, convention: str = "auto", source: str = "labels") -> str:
@@ -422,66 +418,6 @@ def label_convention_of(values: np.ndarray, convention: str = "auto", source: st
     return convention
 
 
-# ---------------------------------------------------------------- volumes read lazily for training
-
-
-class LazyImages:
-    """The float32 [0, 1] intensities of some slices of a chunked volume, read on demand: ``view[i, y0:y1,
-    x0:x1]`` reads only that region of slice ``slices[i]``, scaled by the volume's (low, high) range."""
-
-    def __init__(self, volume, slices: np.ndarray, low: float, high: float):
-        self.volume, self.slices, self.low, self.high = volume, np.asarray(slices), low, high
-        self.shape = (len(self.slices), *volume.shape[1:])
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    def __getitem__(self, index):
-        z, *rest = index if isinstance(index, tuple) else (index,)
-        return scale_to_unit(self.volume[(int(self.slices[z]), *rest)], self.low, self.high)
-
-
-class LazyTargets:
-    """Training targets (1 = membrane; with ``weighted`` the border weight map as channel 1, computed per
-    region) of some slices of a chunked label volume, read on demand like :class:`LazyImages`."""
-
-    def __init__(self, volume, slices: np.ndarray, convention: str, weighted: bool = False):
-        self.volume, self.slices, self.weighted = volume, np.asarray(slices), weighted
-        self.membrane = MEMBRANE_VALUE[convention]
-        self.shape = (len(self.slices), *volume.shape[1:]) + ((2,) if weighted else ())
-        self.ndim = len(self.shape)
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    def __getitem__(self, index):
-        z, *rest = index if isinstance(index, tuple) else (index,)
-        target = (self.volume[(int(self.slices[z]), *rest)] == self.membrane).astype(np.float32)
-        if not self.weighted:
-            return target
-        from em_unet.training.losses import border_weight_map
-
-        return np.stack([target, border_weight_map(target)], axis=-1)
-
-
-def _read_crops(images, targets, patch_size: int):
-    """A tf.data map function reading ``(z, row, col)`` crops from lazy views (on the host)."""
-    channels = targets.shape[3] if len(targets.shape) == 4 else 1
-
-    def read(z, row, col):
-        index = (int(z), slice(int(row), int(row) + patch_size), slice(int(col), int(col) + patch_size))
-        target = targets[index]
-        return images[index][..., None], (target[..., None] if target.ndim == 2 else target)
-
-    def crop(z, row, col):
-        image, target = tf.numpy_function(read, [z, row, col], (tf.float32, tf.float32), stateful=False)
-        return tf.ensure_shape(image, (patch_size, patch_size, 1)), tf.ensure_shape(
-            target, (patch_size, patch_size, channels)
-        )
-
-    return crop
-
-
 def load_image_stack(path: str | Path) -> np.ndarray:
     """Read an EM stack as float32 ``(z, y, x)`` in [0, 1]."""
     return to_unit_range(read_stack(path), source=str(path))
@@ -499,140 +435,3 @@ def load_labelled_stack(
             f"{label_path}: label shape {labels.shape} differs from {kind} shape {images.shape} of {image_path}"
         )
     return images, membrane_target(labels, convention, source=str(label_path))
-
-
-# ---------------------------------------------------------------- splitting
-
-
-def split_slices(
-    n_slices: int, val_slices: tuple[int, int] | None = None, val_fraction: float | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """Split slice indices into training and one contiguous validation block.
-
-    Neighbouring sections are correlated, so a random split would leak: the
-    validation slices are ``val_slices`` (first, last; inclusive) or, when only
-    ``val_fraction`` is given, that fraction of the slices taken from the end.
-
-    Returns:
-        ``(train_slices, val_slices)`` as int arrays of slice indices.
-    """
-    if val_slices is not None and val_fraction is not None:
-        raise ValueError("give val_slices or val_fraction, not both")
-    if val_slices is None:
-        fraction = 0.25 if val_fraction is None else val_fraction
-        if not 0.0 < fraction < 1.0:
-            raise ValueError(f"val_fraction must be between 0 and 1, got {fraction}")
-        n_val = max(1, int(round(n_slices * fraction)))
-        first, last = n_slices - n_val, n_slices - 1
-    else:
-        first, last = val_slices
-    if first < 0 or last >= n_slices or last < first:
-        raise DataError(f"validation slices {first}-{last} are outside the stack's slices 0-{n_slices - 1}")
-    val = np.arange(first, last + 1)
-    train = np.setdiff1d(np.arange(n_slices), val)
-    if train.size == 0:
-        raise DataError(f"validation slices {first}-{last} leave no slice of 0-{n_slices - 1} for training")
-    return train, val
-
-
-# ---------------------------------------------------------------- tf.data
-
-
-def _as_channels_last(array: np.ndarray) -> np.ndarray:
-    return array[..., None] if array.ndim == 3 else array
-
-
-def check_patch_size(shape: Sequence[int], patch_size: int) -> None:
-    """Raise :class:`DataError` if ``patch_size`` (pixels) does not fit inside slices of ``shape`` (z, y, x)."""
-    height, width = shape[1], shape[2]
-    if patch_size > height or patch_size > width:
-        raise DataError(
-            f"patch size {patch_size} px is larger than the slices ({height} x {width} px): "
-            f"choose a patch size of at most {min(height, width)} px"
-        )
-
-
-def training_dataset(
-    images: np.ndarray,
-    targets: np.ndarray,
-    patch_size: int = 256,
-    batch_size: int = 4,
-    seed: int = 0,
-    augment: AugmentConfig | None = None,
-) -> tf.data.Dataset:
-    """Endless batches of random crops from random slices, optionally augmented.
-
-    Args:
-        images: float32 ``(z, y, x)`` in [0, 1] (the training slices only).
-        targets: ``(z, y, x)`` or ``(z, y, x, c)`` targets cropped and augmented
-            with the images (channel 0 is the membrane target; further channels,
-            such as loss weight maps, travel with it).
-        patch_size: side of the square crops, in pixels.
-        batch_size: crops per batch.
-        seed: the same seed gives the same batches.
-        augment: transform ranges, or None for no augmentation.
-
-    Returns:
-        A dataset of ``(images, targets)`` with shapes ``(batch, patch, patch, 1)``
-        and ``(batch, patch, patch, c)``.
-    """
-    check_patch_size(images.shape, patch_size)
-    n_slices, height, width = images.shape[:3]
-    crop_seed, augment_seed = seed, seed + 1
-
-    def origin(index):
-        draw = tf.random.stateless_uniform([3], [crop_seed, index], 0, 2**30, dtype=tf.int64, alg=RNG)
-        return draw[0] % n_slices, draw[1] % (height - patch_size + 1), draw[2] % (width - patch_size + 1)
-
-    if isinstance(images, np.ndarray):
-        image_stack = tf.constant(_as_channels_last(images), tf.float32)
-        target_stack = tf.constant(_as_channels_last(targets), tf.float32)
-
-        def crop(index):
-            z, row, col = origin(index)
-            image = image_stack[z, row : row + patch_size, col : col + patch_size]
-            target = target_stack[z, row : row + patch_size, col : col + patch_size]
-            return image, target
-
-    else:  # a volume larger than memory: the same crops, read from the chunked store
-        read = _read_crops(images, targets, patch_size)
-
-        def crop(index):
-            return read(*origin(index))
-
-    dataset = tf.data.Dataset.counter().map(crop, num_parallel_calls=tf.data.AUTOTUNE)
-    dataset = dataset.batch(batch_size, drop_remainder=True)
-    if augment is not None:
-        dataset = dataset.enumerate().map(
-            lambda index, batch: augment_batch(*batch, tf.stack([tf.constant(augment_seed, tf.int64), index]), augment),
-            num_parallel_calls=tf.data.AUTOTUNE,
-        )
-    return dataset.prefetch(tf.data.AUTOTUNE)
-
-
-def tile_origins(size: int, patch_size: int) -> list[int]:
-    """Start positions (pixels) of patches that cover ``size`` pixels; the last one is flush with the end."""
-    starts = list(range(0, size - patch_size + 1, patch_size))
-    if starts[-1] + patch_size < size:
-        starts.append(size - patch_size)
-    return starts
-
-
-def validation_dataset(
-    images: np.ndarray, targets: np.ndarray, patch_size: int = 256, batch_size: int = 4
-) -> tf.data.Dataset:
-    """Fixed, unaugmented crops that cover every validation slice (the last crop in a row or column is flush
-    with the edge)."""
-    check_patch_size(images.shape, patch_size)
-    rows = tile_origins(images.shape[1], patch_size)
-    cols = tile_origins(images.shape[2], patch_size)
-    crops = [(z, r, c) for z in range(images.shape[0]) for r in rows for c in cols]
-    if not isinstance(images, np.ndarray):  # read from the chunked store each epoch, never all in memory
-        origins = tf.data.Dataset.from_tensor_slices(np.array(crops, np.int64))
-        dataset = origins.map(lambda o: _read_crops(images, targets, patch_size)(o[0], o[1], o[2]))
-        return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
-    images = _as_channels_last(images)
-    targets = _as_channels_last(targets)
-    image_crops = np.stack([images[z, r : r + patch_size, c : c + patch_size] for z, r, c in crops])
-    target_crops = np.stack([targets[z, r : r + patch_size, c : c + patch_size] for z, r, c in crops])
-    return tf.data.Dataset.from_tensor_slices((image_crops, target_crops)).batch(batch_size).prefetch(tf.data.AUTOTUNE)

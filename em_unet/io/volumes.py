@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from em_unet.errors import DataError, DependencyError, EmUnetError
+from em_unet.io.files import check_writable, new_folder
 
 HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf")
 ZARR_FORMATS = (2, 3)
@@ -367,7 +368,7 @@ def _open(location: VolumeAddress, level: int, mode: str, shown: str) -> Volume:
 
 def _h5py():
     try:
-        import h5py
+        import h5py  # lazy, as every format backend here: reading a TIFF loads none of them
     except ImportError as err:
         raise DependencyError(f"HDF5 volumes need the h5py package ({err}): pip install h5py") from None
     return h5py
@@ -460,7 +461,7 @@ def _h5_reason(err: OSError) -> str:
 
 def _zarr():
     try:
-        import zarr
+        import zarr  # lazy: zarr's import alone takes about 0.5 s
     except ImportError as err:
         raise DependencyError(f"Zarr volumes need the zarr package ({err}): pip install 'zarr>=3'") from None
     return zarr
@@ -635,8 +636,6 @@ def _positive(shown: str, what: str, values: Any) -> tuple[int, int, int]:
 
 def _check_location(path: Path) -> None:
     """One line unless a new file or store could be made at ``path`` (see :func:`check_writable`)."""
-    from em_unet.io.files import check_writable
-
     try:
         check_writable(path)
     except EmUnetError as err:
@@ -646,8 +645,6 @@ def _check_location(path: Path) -> None:
 def _create_hdf5(
     location: VolumeAddress, shape: tuple[int, int, int], dtype: np.dtype, chunks: tuple[int, int, int], overwrite: bool
 ) -> Volume:
-    from em_unet.io.files import new_folder
-
     h5py = _h5py()
     path, key = location.path, location.key
     if key is None:
@@ -710,8 +707,6 @@ def _create_zarr(
     overwrite: bool,
     zarr_format: int,
 ) -> Volume:
-    from em_unet.io.files import new_folder
-
     zarr = _zarr()
     path, key = location.path, location.key
     shown = str(location)
@@ -733,7 +728,7 @@ def _create_zarr(
             root = _existing_root(path, key, zarr_format, overwrite)
         group = _image_group(root, path, key, overwrite)
         if zarr_format == 2:
-            from numcodecs import Blosc
+            from numcodecs import Blosc  # lazy, with zarr
 
             # OME-NGFF 0.4 wants "/" between chunk indices; Blosc is what Fiji and napari read in Zarr v2
             options = {"chunk_key_encoding": {"name": "v2", "separator": "/"}, "compressors": Blosc("zstd", 5)}
@@ -838,6 +833,7 @@ def _image_group(root: Any, path: Path, key: str | None, overwrite: bool) -> Any
 def _write_multiscales(group: Any, zarr_format: int) -> None:
     """OME-NGFF multiscales metadata (0.4 in Zarr v2, 0.5 in Zarr v3) for the single level ``0`` of ``group``."""
     try:
+        # lazy: ome-zarr's import takes over a second, for metadata written once per output
         from ome_zarr.format import FormatV04, FormatV05
         from ome_zarr.writer import write_multiscales_metadata
     except ImportError as err:

@@ -86,7 +86,7 @@ def _read_csv(path: Path) -> dict[str, np.ndarray]:
 
 
 def _read_events(folder: Path, prefix: str) -> dict[str, np.ndarray]:
-    import tensorflow as tf
+    import tensorflow as tf  # lazy: only runs without history.csv need TensorFlow's event-file reader
 
     values: dict[str, dict[int, float]] = {}
     for path in sorted(folder.glob("events.out.tfevents.*")):

@@ -46,6 +46,7 @@ from scipy import ndimage
 from skimage.measure import label
 
 from em_unet.errors import DataError
+from em_unet.io.stacks import FIXED_RANGES, check_finite, membrane_target, read_stack, to_unit_range
 
 
 def fiji_thresholds(first: float = 0.0, last: float = 1.0, step: float = 0.1) -> tuple[float, ...]:
@@ -329,8 +330,6 @@ def evaluate_segments(segments: np.ndarray, membrane_target: np.ndarray) -> dict
 
 def check_probability(values: np.ndarray, source: str) -> None:
     """One-line error unless every value is a finite probability in [0, 1]."""
-    from em_unet.io.stacks import check_finite
-
     check_finite(values, source, "a membrane probability map must hold values in [0, 1]")
     low, high = float(values.min()), float(values.max())
     if low < 0.0 or high > 1.0:
@@ -357,8 +356,6 @@ def as_probability(stack: np.ndarray, source: str, dtype: type = np.float32) -> 
     ``dtype=np.float64`` keeps an 8/16-bit map's ``v / 255`` in double precision, so that the float32
     cell probability scored as Fiji scores it (``1 - v / 255``, rounded once) is Fiji's to the last bit.
     """
-    from em_unet.io.stacks import FIXED_RANGES, to_unit_range
-
     if stack.dtype in FIXED_RANGES and dtype == np.float64:
         return stack / FIXED_RANGES[stack.dtype][1]
     if stack.dtype in (np.uint8, np.uint16):
@@ -394,8 +391,6 @@ def evaluate_files(
 
     ``segments``: None decides by the file (a TIFF written by ``em-unet segment``, or 32/64-bit integers).
     """
-    from em_unet.io.stacks import membrane_target, read_stack
-
     stack = read_stack(prediction_path)
     target = membrane_target(read_stack(label_path), label_convention, source=str(label_path))
     if stack.shape != target.shape:

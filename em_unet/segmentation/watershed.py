@@ -20,15 +20,23 @@ measurement on ISBI 2012 validation slices 15-19 (``benchmarks/segment_params.py
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+from scipy.ndimage import gaussian_filter
+from skimage import graph
+from skimage.measure import label
+from skimage.segmentation import relabel_sequential, watershed
+from tqdm import tqdm
 
-from em_unet.config import Settings, setting
+from em_unet import __version__
 from em_unet.errors import EmUnetError
+from em_unet.io.stacks import read_stack
+from em_unet.io.writers import check_output, open_output
+from em_unet.segmentation.labels import label_dtype, label_offsets
 from em_unet.segmentation.metrics import SEGMENTS_SOFTWARE, as_probability, check_probability
+from em_unet.settings import Settings, setting
 
 
 @dataclass(frozen=True)
@@ -77,11 +85,6 @@ def _merge_nothing(graph, src, dst):
 
 def segment_slice(membrane_probability: np.ndarray, params: SegmentParams = SegmentParams()) -> np.ndarray:
     """int32 labels 1..k of the neuron sections in one 2-D membrane-probability slice (values in [0, 1])."""
-    from scipy.ndimage import gaussian_filter
-    from skimage import graph
-    from skimage.measure import label
-    from skimage.segmentation import relabel_sequential, watershed
-
     probability = np.asarray(membrane_probability, np.float32)
     if probability.ndim != 2:
         raise EmUnetError(f"segment_slice takes one 2-D slice, got shape {probability.shape}")
@@ -108,63 +111,46 @@ def segment_stack(
     membrane_probability: np.ndarray, params: SegmentParams = SegmentParams(), progress: bool = False
 ) -> np.ndarray:
     """uint32 labels of a ``(z, y, x)`` membrane-probability stack, each slice segmented in 2-D and
-    labels unique across the stack (slice z's labels follow slice z-1's)."""
-    from tqdm import tqdm
-
+    labels unique across the stack (slice z's follow slice z-1's, :func:`~.labels.label_offsets`)."""
     stack = np.asarray(membrane_probability, np.float32)
     if stack.ndim == 2:
         stack = stack[None]
     if stack.ndim != 3:
         raise EmUnetError(f"a membrane-probability stack is (z, y, x), got shape {stack.shape}")
     check_probability(stack, "membrane probability")
-    labels = np.zeros(stack.shape, np.uint32)
-    offset = 0
-    for z in tqdm(range(len(stack)), desc="segmenting", unit="slice", disable=not progress):
-        section = segment_slice(stack[z], params)
-        labels[z] = section + offset
-        offset += int(section.max())
-    return labels
+    sections = [
+        segment_slice(section, params) for section in tqdm(stack, desc="segmenting", unit="slice", disable=not progress)
+    ]
+    offsets = label_offsets([int(section.max()) for section in sections])
+    return np.stack([section.astype(np.uint32) + np.uint32(offset) for section, offset in zip(sections, offsets)])
 
 
 def write_segments(
     path: str | Path, labels: np.ndarray, params: SegmentParams, source: str, overwrite: bool = False
 ) -> tuple[Path, Path]:
     """Write labels as a TIFF stack that opens in Fiji (uint16 where the labels fit, else uint32) and
-    the parameters beside it as ``<name>.json``; both or neither (temporary names, then renames)."""
-    import tifffile
-
-    from em_unet import __version__
-    from em_unet.io.files import atomic_output, check_writable
-
+    the parameters beside it as ``<name>.json``; both or neither."""
     path = Path(path)
-    sidecar = path.with_suffix(".json")
-    check_writable(path, overwrite)
-    check_writable(sidecar, overwrite)
-    fits16 = labels.max(initial=0) < 2**16
-    data = labels.astype(np.uint16 if fits16 else np.uint32)
+    dtype = label_dtype(int(labels.max(initial=0)))
     record = {
         "segment_params": asdict(params),
         "membrane_probability": source,
         "labels": int(labels.max(initial=0)),
-        "dtype": str(data.dtype),
+        "dtype": str(dtype),
         "em_unet_version": __version__,
     }
-    with atomic_output(sidecar, overwrite) as tmp_json, atomic_output(path, overwrite) as tmp_tif:
-        # ImageJ's hyperstack format has no 32-bit integers: uint32 labels go in a plain TIFF.
-        tifffile.imwrite(tmp_tif, data, imagej=fits16, software=f"{SEGMENTS_SOFTWARE} {__version__}", compression=None)
-        tmp_json.write_text(json.dumps(record, indent=2))
-    return path, sidecar
+    software = f"{SEGMENTS_SOFTWARE} {__version__}"
+    with open_output(path, dtype=dtype, sidecar=record, software=software, overwrite=overwrite) as writer:
+        writer.write(labels)
+    return path, path.with_suffix(".json")
 
 
 def check_segment_outputs(output_path: str | Path, overwrite: bool = False) -> Path:
     """One-line error unless the label TIFF and its ``.json`` beside it can be written (before long work)."""
-    from em_unet.io.files import check_writable
-
     output_path = Path(output_path)
     if output_path.suffix.lower() not in (".tif", ".tiff"):
         raise EmUnetError(f"{output_path}: segments are written as TIFF: name the output .tif or .tiff")
-    check_writable(output_path, overwrite)
-    check_writable(output_path.with_suffix(".json"), overwrite)
+    check_output(output_path, overwrite, sidecar=True)
     return output_path
 
 
@@ -177,8 +163,6 @@ def segment_file(
 ) -> tuple[Path, Path]:
     """``em-unet segment``: read a membrane-probability TIFF (float in [0, 1], or 8/16-bit), segment it,
     write the labels and their parameters (:func:`write_segments`)."""
-    from em_unet.io.stacks import read_stack
-
     output_path = check_segment_outputs(output_path, overwrite)
     probability = as_probability(read_stack(probability_path), str(probability_path))
     labels = segment_stack(probability, params, progress=progress)

@@ -19,14 +19,24 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from em_unet.config import LR_SCHEDULES, OPTIMIZERS, TrainConfig
+from em_unet.config import TrainConfig
 from em_unet.errors import DataError
-from em_unet.io.stacks import check_patch_size, load_labelled_stack, split_slices, training_dataset, validation_dataset
+from em_unet.io.stacks import label_convention_of, load_labelled_stack, volume_intensity_range
+from em_unet.io.volumes import is_volume_address, open_volume
 from em_unet.training.augment import AugmentConfig, augment_batch, resolve_placement
+from em_unet.training.data import (
+    LazyImages,
+    LazyTargets,
+    check_patch_size,
+    split_slices,
+    training_dataset,
+    validation_dataset,
+)
 from em_unet.training.distribute import shardable
 from em_unet.training.keras_patches import multi_worker_fit
 from em_unet.training.losses import border_weight_map, get_loss, metrics
 from em_unet.training.model import build_unet
+from em_unet.training.optimizers import learning_rate_schedule, make_optimizer
 
 # ---------------------------------------------------------------- data
 
@@ -45,11 +55,9 @@ def prepare_data(config: TrainConfig) -> PreparedData:
     """Read, split, check, and (for the border-weighted loss) attach weight maps as target channel 1.
 
     Chunked volumes (HDF5, Zarr, OME-Zarr) are not read into memory: the data holds lazy views of them
-    (:class:`~em_unet.io.stacks.LazyImages`, :class:`~em_unet.io.stacks.LazyTargets`) from which training crops and
-    validation tiles are read as they are needed; their intensity range and label values are checked in
+    (:class:`~em_unet.training.data.LazyImages`, :class:`~em_unet.training.data.LazyTargets`) from which training
+    crops and validation tiles are read as they are needed; their intensity range and label values are checked in
     one pass over the chunks first."""
-    from em_unet.io.volumes import is_volume_address
-
     if is_volume_address(config.data) or is_volume_address(config.labels):
         return _prepare_volumes(config)
     images, targets = load_labelled_stack(config.data, config.labels, config.label_convention)
@@ -64,10 +72,7 @@ def prepare_data(config: TrainConfig) -> PreparedData:
 
 
 def _prepare_volumes(config: TrainConfig) -> PreparedData:
-    import dask.array as da
-
-    from em_unet.io.stacks import LazyImages, LazyTargets, label_convention_of, volume_intensity_range
-    from em_unet.io.volumes import is_volume_address, open_volume
+    import dask.array as da  # lazy: Dask only for chunked training volumes
 
     for flag, address in (("--data", config.data), ("--labels", config.labels)):
         if not is_volume_address(address):
@@ -163,31 +168,6 @@ class StepAugmentedModel(keras.Model):
         seed = tf.stack([tf.constant(self.augment_seed, tf.int64), step])
         images, targets = augment_batch(images, targets, seed, self.augment)
         return super().train_step((images, targets) + tuple(data[2:]))
-
-
-def learning_rate_schedule(learning_rate: float, schedule: str, total_steps: int):
-    """``constant``: ``learning_rate`` throughout. ``cosine``: a linear warm-up over the first 2 % of
-    ``total_steps`` (optimizer steps), then cosine decay to 1 % of ``learning_rate`` at the last step;
-    the warm-up keeps a high peak rate from spiking the loss in the first epochs."""
-    if schedule == "constant":
-        return learning_rate
-    if schedule != "cosine":
-        raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {schedule!r}")
-    warmup = max(1, total_steps // 50)
-    return keras.optimizers.schedules.CosineDecay(
-        0.0, max(1, total_steps - warmup), alpha=0.01, warmup_target=learning_rate, warmup_steps=warmup
-    )
-
-
-def make_optimizer(name: str, learning_rate, momentum: float = 0.0) -> keras.optimizers.Optimizer:
-    """``learning_rate``: a number or a Keras schedule of the optimizer step."""
-    if name == "sgd":
-        return keras.optimizers.SGD(learning_rate, momentum=momentum)
-    if name == "adam":
-        return keras.optimizers.Adam(learning_rate)
-    if name == "adamax":
-        return keras.optimizers.Adamax(learning_rate)
-    raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")
 
 
 def build_model(config: TrainConfig, steps: int, placement: str) -> tuple[keras.Model, keras.Model]:

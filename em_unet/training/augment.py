@@ -27,12 +27,15 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import tensorflow as tf
 
-from em_unet.config import AUGMENT_PLACEMENTS as PLACEMENTS
-from em_unet.config import ELASTIC_BACKENDS
 from em_unet.errors import DependencyError
 
 # One fixed algorithm: "auto_select" differs between XLA and plain TF, which would break reproducibility.
 RNG = "philox"
+
+# Where augmentation runs (--augment-placement): in the tf.data pipeline or inside the training step (the
+# training assembly does either); "auto" picks one for this machine (resolve_placement). The elastic
+# backends (--elastic-backend) are ELASTIC_BACKENDS, at the end of this module.
+PLACEMENTS = ("auto", "pipeline", "step")
 
 ELASTICDEFORM_FIX = "pip install --force-reinstall --no-binary elasticdeform elasticdeform"
 
@@ -59,7 +62,7 @@ class AugmentConfig:
 
     def __post_init__(self):
         if self.elastic_backend not in ELASTIC_BACKENDS:
-            raise ValueError(f"elastic_backend must be one of {ELASTIC_BACKENDS}, got {self.elastic_backend!r}")
+            raise ValueError(f"elastic_backend must be one of {tuple(ELASTIC_BACKENDS)}, got {self.elastic_backend!r}")
         if self.elastic_points < 1:
             raise ValueError(f"elastic_points must be >= 1, got {self.elastic_points}")
         if self.elastic and self.elastic_backend == "elasticdeform":
@@ -72,6 +75,7 @@ class AugmentConfig:
 def import_elasticdeform():
     """Import ``elasticdeform.tf``, turning a broken install into a one-line fix."""
     try:
+        # lazy: the reference backend only, and a broken install becomes a one-line fix
         import elasticdeform
         import elasticdeform.tf  # noqa: F401
     except ImportError as err:
@@ -323,11 +327,8 @@ def augment_batch(images, masks, seed, config: AugmentConfig | None = None):
     matrix, translation = random_affine_matrices(affine_seed, batch, config)
     control = random_control_displacement(elastic_seed, batch, config) if config.elastic else None
     contrast, brightness = random_intensity(intensity_seed, batch, config)
-    if config.elastic_backend == "elasticdeform" and control is not None:
-        images, masks = apply_transforms(images, masks, matrix, translation)
-        images, masks = _elasticdeform_reference(images, masks, control)
-        return adjust_intensity(images, contrast, brightness), masks
-    return _apply_transforms_xla(images, masks, matrix, translation, control, contrast, brightness)
+    transform = ELASTIC_BACKENDS[config.elastic_backend]
+    return transform(images, masks, matrix, translation, control, contrast, brightness)
 
 
 def apply_transforms(images, masks, matrix, translation, control=None, contrast=None, brightness=None):
@@ -362,3 +363,17 @@ def apply_transforms(images, masks, matrix, translation, control=None, contrast=
 # XLA fuses the many per-pixel operations (about 2x faster on a CPU). The random
 # draws stay outside: XLA's stateless normal differs from TensorFlow's.
 _apply_transforms_xla = tf.function(apply_transforms, jit_compile=True)
+
+
+def _apply_transforms_elasticdeform(images, masks, matrix, translation, control=None, contrast=None, brightness=None):
+    """:func:`apply_transforms` with the elastic step through elasticdeform's host op (the reference)."""
+    if control is None:
+        return _apply_transforms_xla(images, masks, matrix, translation, control, contrast, brightness)
+    images, masks = apply_transforms(images, masks, matrix, translation)
+    images, masks = _elasticdeform_reference(images, masks, control)
+    return adjust_intensity(images, contrast, brightness), masks
+
+
+# The elastic backends by name (--elastic-backend; em_unet.config reads the names from here): each applies
+# the transforms as apply_transforms does.
+ELASTIC_BACKENDS = {"tensorflow": _apply_transforms_xla, "elasticdeform": _apply_transforms_elasticdeform}

@@ -19,7 +19,6 @@ import keras_tuner as kt
 import tensorflow as tf
 from keras_tuner.engine.trial import Trial, TrialStatus
 
-from em_unet.config import STRATEGIES
 from em_unet.errors import EmUnetError
 from em_unet.machine import threads_per_worker
 
@@ -41,11 +40,33 @@ def tf_config() -> dict:
     return config
 
 
+def _one_device() -> tf.distribute.Strategy:
+    gpus = tf.config.list_logical_devices("GPU")
+    return tf.distribute.OneDeviceStrategy(gpus[0].name if gpus else "/cpu:0")
+
+
+def _mirrored() -> tf.distribute.Strategy:
+    devices = [d.name for d in tf.config.list_logical_devices("GPU")]
+    return tf.distribute.MirroredStrategy(devices or [d.name for d in tf.config.list_logical_devices("CPU")])
+
+
+def _multi_worker() -> tf.distribute.Strategy:
+    if not tf_config():
+        raise EmUnetError("--strategy multi-worker needs TF_CONFIG to describe the cluster and this task")
+    return tf.distribute.MultiWorkerMirroredStrategy()
+
+
+# The strategies by name (--strategy, which also offers "auto": resolve_strategy; em_unet.config reads the
+# names from here), each a function that makes it (see make_strategy).
+STRATEGIES = {"one-device": _one_device, "mirrored": _mirrored, "multi-worker": _multi_worker}
+
+
 def resolve_strategy(name: str) -> str:
     """``auto``: multi-worker when ``TF_CONFIG`` names more than one task, mirrored over several
     local GPUs, otherwise one device."""
-    if name not in STRATEGIES:
-        raise EmUnetError(f"strategy {name!r} is not one of {STRATEGIES}")
+    choices = ("auto", *STRATEGIES)
+    if name not in choices:
+        raise EmUnetError(f"strategy {name!r} is not one of {choices}")
     if name != "auto":
         return name
     tasks = sum(len(addresses) for addresses in tf_config().get("cluster", {}).values())
@@ -61,16 +82,7 @@ def make_strategy(name: str = "auto") -> tf.distribute.Strategy:
     (one, unless ``tf.config.set_logical_device_configuration`` made more: that is how it is tested).
     ``multi-worker`` reads the cluster from ``TF_CONFIG``; create it before TensorFlow runs anything else.
     """
-    name = resolve_strategy(name)
-    if name == "multi-worker":
-        if not tf_config():
-            raise EmUnetError("--strategy multi-worker needs TF_CONFIG to describe the cluster and this task")
-        return tf.distribute.MultiWorkerMirroredStrategy()
-    gpus = tf.config.list_logical_devices("GPU")
-    if name == "one-device":
-        return tf.distribute.OneDeviceStrategy(gpus[0].name if gpus else "/cpu:0")
-    devices = [d.name for d in gpus] or [d.name for d in tf.config.list_logical_devices("CPU")]
-    return tf.distribute.MirroredStrategy(devices)
+    return STRATEGIES[resolve_strategy(name)]()
 
 
 def is_chief(strategy: tf.distribute.Strategy) -> bool:

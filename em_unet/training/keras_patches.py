@@ -48,7 +48,7 @@ def multi_worker_fit(model: keras.Model, dataset: tf.data.Dataset):
         yield
         return
     check_keras_version()
-    from keras.src.backend.tensorflow import trainer as keras_trainer
+    from keras.src.backend.tensorflow import trainer as keras_trainer  # private: only once the version is checked
 
     original = keras_trainer.reduce_per_replica
 

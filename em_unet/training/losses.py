@@ -6,8 +6,8 @@ from __future__ import annotations
 import keras
 import numpy as np
 from keras import ops
-
-from em_unet.config import LOSSES
+from scipy import ndimage
+from skimage.measure import label
 
 
 def _membrane(y_true):
@@ -48,10 +48,14 @@ def weighted_bce(y_true, y_pred):
     return ops.mean(weights * _pixel_bce(y_true, y_pred), axis=(1, 2, 3))
 
 
+# The losses by name: --loss offers these (em_unet.config reads the names from here).
+LOSSES = {"bce": bce, "dice": dice_loss, "bce_dice": bce_dice, "weighted_bce": weighted_bce}
+
+
 def get_loss(name: str):
     if name not in LOSSES:
-        raise ValueError(f"loss must be one of {LOSSES}, got {name!r}")
-    return {"bce": bce, "dice": dice_loss, "bce_dice": bce_dice, "weighted_bce": weighted_bce}[name]
+        raise ValueError(f"loss must be one of {tuple(LOSSES)}, got {name!r}")
+    return LOSSES[name]
 
 
 def pixel_accuracy(y_true, y_pred):
@@ -81,9 +85,6 @@ def border_weight_map(membrane_target: np.ndarray, w0: float = 10.0, sigma_px: f
     touching cells must be separated. Distances are computed in windows of 4 sigma around
     each cell, beyond which the term is below 1e-3 * w0.
     """
-    from scipy import ndimage
-    from skimage.measure import label
-
     membrane = membrane_target > 0.5
     n = membrane.size
     n_membrane = int(membrane.sum())

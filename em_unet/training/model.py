@@ -10,10 +10,12 @@ multiples of ``2**depth`` pixels works.
 from __future__ import annotations
 
 import keras
+import tensorflow as tf
 from keras import layers
 
-from em_unet.config import TrainConfig, check_value
+from em_unet.config import TrainConfig
 from em_unet.errors import ModelInputError
+from em_unet.settings import check_value
 
 UP_MODES = ("transpose", "bilinear")
 
@@ -55,8 +57,6 @@ class InputSizeCheck(layers.Layer):
         self.depth = depth
 
     def call(self, inputs):
-        import tensorflow as tf
-
         height, width = inputs.shape[1], inputs.shape[2]
         check_input_size(height, width, self.depth)
         if height is not None and width is not None:

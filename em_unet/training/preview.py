@@ -7,8 +7,9 @@ from pathlib import Path
 import numpy as np
 
 from em_unet.io.files import atomic_output, check_writable
-from em_unet.io.stacks import check_patch_size, load_labelled_stack
+from em_unet.io.stacks import load_labelled_stack
 from em_unet.training.augment import AugmentConfig, augment_batch
+from em_unet.training.data import check_patch_size
 
 
 def augment_preview(

@@ -29,12 +29,13 @@ from pathlib import Path
 
 import numpy as np
 
-from em_unet.config import NAMING_FIELDS, TrainConfig, check_value, shipped_toml
+from em_unet.config import NAMING_FIELDS, TrainConfig, shipped_toml
 from em_unet.errors import ConfigError, EmUnetError
 from em_unet.io.files import atomic_output
 from em_unet.machine import machine_description, resolve_precision
 from em_unet.reporting.history import read_history, read_json
 from em_unet.reporting.plot import plot_runs
+from em_unet.settings import check_value
 from em_unet.training.assembly import prepare_data
 from em_unet.training.train import train
 

@@ -46,16 +46,13 @@ from em_unet.config import (
     TUNE_EXCLUDED,
     SearchConfig,
     TrainConfig,
-    check_value,
     shipped_toml,
-    to_flags,
-    value_type,
 )
 from em_unet.errors import ConfigError, EmUnetError
 from em_unet.inference.export import export_saved_model
 from em_unet.io.files import atomic_output, check_writable
-from em_unet.io.stacks import check_patch_size
 from em_unet.machine import precision_policy
+from em_unet.settings import check_value, to_flags, value_type
 from em_unet.training.assembly import (
     build_model,
     fit,
@@ -65,6 +62,7 @@ from em_unet.training.assembly import (
     run_callbacks,
     steps_per_epoch,
 )
+from em_unet.training.data import check_patch_size
 from em_unet.training.distribute import (
     CHIEF_VARIABLE,
     LOCALHOST,

@@ -11,10 +11,13 @@ import pytest
 import tifffile
 
 from em_unet.errors import EmUnetError
-from em_unet.inference.blockwise import marker_folder, predict_volume, segment_volume
+from em_unet.inference.blockwise import predict_volume
+from em_unet.inference.tiling import Tiling
 from em_unet.io.volumes import create_volume, open_volume
+from em_unet.io.writers import ResumeMarkers
 
 SETTINGS = {"tile": 64, "margin": 8, "overlap": 8, "tile_batch": 3}
+TILING = Tiling(**SETTINGS)
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +42,7 @@ def in_memory(model_path, images, isbi=False):
     from em_unet.inference.predict import load_predictor, predict_stack
     from em_unet.io.stacks import to_unit_range
 
-    probability = np.stack(list(predict_stack(load_predictor(model_path), to_unit_range(images), **SETTINGS)))
+    probability = np.stack(list(predict_stack(load_predictor(model_path), to_unit_range(images), TILING)))
     return 1.0 - probability if isbi else probability
 
 
@@ -53,12 +56,12 @@ def test_blockwise_equals_in_memory_prediction_on_two_workers(model_path, volume
     write(f"{tmp_path}/raw.zarr", volume, (1, 64, 64))
     expected = in_memory(model_path, volume)
     out = predict_volume(
-        model_path, f"{tmp_path}/raw.zarr", f"{tmp_path}/p.ome.zarr", workers=2, progress=False, **SETTINGS
+        model_path, f"{tmp_path}/raw.zarr", f"{tmp_path}/p.ome.zarr", workers=2, progress=False, tiling=TILING
     )
     got = open_volume(out)
     assert got.shape == volume.shape and got.chunks == (1, 64, 64) and got.dtype == np.float32
     assert np.abs(got[...] - expected).max() < 1e-5
-    assert not marker_folder(out).exists()  # complete: no markers left
+    assert not ResumeMarkers(out).folder.exists()  # complete: no markers left
     # HDF5 in, HDF5 out (written by the client), a float input rescaled by its range, the ISBI convention,
     # on a cluster that was already running (--scheduler)
     from distributed import Client, LocalCluster
@@ -75,26 +78,12 @@ def test_blockwise_equals_in_memory_prediction_on_two_workers(model_path, volume
             scheduler=cluster.scheduler_address,
             block=128,
             progress=False,
-            **SETTINGS,
+            tiling=TILING,
         )
         with Client(cluster) as client:  # each worker that predicted loaded the model once
-            loaded = client.run(lambda: len(__import__("em_unet.inference.blockwise").blockwise._PREDICTORS))
+            loaded = client.run(lambda: len(__import__("em_unet.inference.blockwise").inference.blockwise._PREDICTORS))
         assert sorted(loaded.values()) in ([1, 1], [0, 1])
     assert np.abs(open_volume(out)[...] - in_memory(model_path, float_volume, isbi=True)).max() < 1e-5
-
-
-@pytest.mark.slow
-def test_segment_volume_equals_segment_stack(volume, tmp_path):
-    from em_unet.segmentation.watershed import SegmentParams, segment_stack
-
-    rng = np.random.default_rng(0)
-    probability = np.clip(1.0 - volume / 255.0 + rng.normal(0, 0.02, volume.shape), 0, 1).astype(np.float32)
-    write(f"{tmp_path}/p.zarr", probability, (1, 64, 64))
-    params = SegmentParams(sigma_px=1.0, seed_threshold=0.3, merge_threshold=0.5)
-    out = segment_volume(f"{tmp_path}/p.zarr", f"{tmp_path}/neurons.ome.zarr", params, workers=2, progress=False)
-    labels = open_volume(out)[...]
-    assert labels.dtype == np.uint32 and np.array_equal(labels, segment_stack(probability, params))
-    assert not marker_folder(out).exists()
 
 
 @pytest.mark.slow
@@ -118,7 +107,7 @@ def test_a_killed_run_resumes_and_finishes_with_the_same_result(model_path, volu
     process = subprocess.Popen(
         list(map(str, command)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
-    markers = marker_folder(output)
+    markers = ResumeMarkers(output).folder
     deadline = time.monotonic() + 300
     try:
         while time.monotonic() < deadline and process.poll() is None:
@@ -135,12 +124,17 @@ def test_a_killed_run_resumes_and_finishes_with_the_same_result(model_path, volu
     assert 5 <= len(done_before) < 72
     with pytest.raises(EmUnetError, match="other settings"):  # a different command does not mix in
         predict_volume(
-            model_path, f"{tmp_path}/raw.zarr", output, workers=1, progress=False, **{**SETTINGS, "margin": 16}
+            model_path,
+            f"{tmp_path}/raw.zarr",
+            output,
+            workers=1,
+            progress=False,
+            tiling=Tiling(**{**SETTINGS, "margin": 16}),
         )
-    predict_volume(model_path, f"{tmp_path}/raw.zarr", output, workers=2, progress=False, **SETTINGS)
+    predict_volume(model_path, f"{tmp_path}/raw.zarr", output, workers=2, progress=False, tiling=TILING)
     assert np.abs(open_volume(output)[...] - in_memory(model_path, big)).max() < 1e-5
     with pytest.raises(EmUnetError, match="already exists"):  # finished: like any existing output
-        predict_volume(model_path, f"{tmp_path}/raw.zarr", output, workers=1, progress=False, **SETTINGS)
+        predict_volume(model_path, f"{tmp_path}/raw.zarr", output, workers=1, progress=False, tiling=TILING)
 
 
 def test_bad_volumes_and_outputs_are_refused_before_any_work(model_path, tmp_path, capsys):
@@ -192,10 +186,9 @@ def test_bad_volumes_and_outputs_are_refused_before_any_work(model_path, tmp_pat
 
 
 def test_a_scheduler_that_does_not_answer_is_one_line(model_path, tmp_path, capsys, monkeypatch):
-    from em_unet import cli
-    from em_unet.inference import blockwise
+    from em_unet import cli, cluster
 
-    monkeypatch.setattr(blockwise, "SCHEDULER_TIMEOUT_S", 2.0)
+    monkeypatch.setattr(cluster, "SCHEDULER_TIMEOUT_S", 2.0)
     write(f"{tmp_path}/raw.zarr", np.zeros((1, 64, 64), np.uint8), (1, 64, 64))
     argv = [
         "predict",

@@ -16,8 +16,8 @@ from em_unet.inference.export import (
     RENAME_ATTEMPTS,
     export_saved_model,
     float32_copy,
-    versions,
 )
+from em_unet.inference.serving import versions
 from em_unet.training.model import build_unet
 
 LOAD_WITHOUT_EM_UNET = """

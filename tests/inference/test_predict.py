@@ -18,8 +18,8 @@ from em_unet.inference.predict import (
     predict_slice,
     predict_stack,
     resolve_model_path,
-    tile_grid,
 )
+from em_unet.inference.tiling import Tiling
 from em_unet.training.model import build_unet
 
 
@@ -31,7 +31,9 @@ def tiny_model():
 
 def test_tiled_equals_whole_slice_beyond_receptive_field(tiny_model):
     image = np.random.default_rng(0).random((100, 130)).astype(np.float32)
-    tiled = predict_slice(lambda t: tiny_model.predict(t, verbose=0), image, tile=96, margin=32, overlap=8)
+    tiled = predict_slice(
+        lambda t: tiny_model.predict(t, verbose=0), image, tiling=Tiling(tile=96, margin=32, overlap=8)
+    )
     assert tiled.shape == image.shape and tiled.dtype == np.float32
     # whole-slice reference: the same slice padded to a multiple of 4 px
     whole = tiny_model.predict(np.pad(image, ((0, 4), (0, 2)), mode="reflect")[None, ..., None], verbose=0)
@@ -41,11 +43,16 @@ def test_tiled_equals_whole_slice_beyond_receptive_field(tiny_model):
 
 
 def test_auto_tile_is_the_whole_slice_where_it_fits_and_tiles_beyond():
-    from em_unet.inference.predict import tile_shape
+    def tile_shape(height, width, tile, margin, overlap=16):
+        tiling = Tiling(tile, margin, overlap)
+        return tiling.tile_side(height), tiling.tile_side(width)
 
     assert tile_shape(512, 512, None, 32) == (576, 576)
     assert tile_shape(100, 70, None, 8) == (128, 96)
-    assert tile_shape(3000, 40, None, 32) == (1024, 128)
+    # beyond 1024 px: the fewest tiles of at most 1024 px, each as small as covers the slice (was 1024 px
+    # tiles, whose last one could be mostly mirror padding: 3000 px took 4 x 1024 px, now 4 x 832 px)
+    assert tile_shape(3000, 40, None, 32) == (832, 128)
+    assert Tiling(None, 32, 16).grid(3000, 40).rows == 4
     assert tile_shape(100, 70, 64, 8) == (64, 64)
     shapes = []
 
@@ -54,10 +61,12 @@ def test_auto_tile_is_the_whole_slice_where_it_fits_and_tiles_beyond():
         return tiles
 
     tall = np.random.default_rng(0).random((1500, 50)).astype(np.float32)
-    assert np.allclose(predict_slice(identity, tall, margin=16, overlap=8), tall, atol=1e-6)
-    assert set(shapes) == {(1024, 96)} and len(shapes) == 2
+    assert np.allclose(predict_slice(identity, tall, tiling=Tiling(margin=16, overlap=8)), tall, atol=1e-6)
+    assert set(shapes) == {(800, 96)} and len(shapes) == 2  # two tiles of 800 px (were 1024 px)
     shapes.clear()
-    assert np.allclose(predict_slice(identity, tall[:100], margin=16, overlap=8, tta=True), tall[:100], atol=1e-6)
+    assert np.allclose(
+        predict_slice(identity, tall[:100], tta=True, tiling=Tiling(margin=16, overlap=8)), tall[:100], atol=1e-6
+    )
     assert sorted(set(shapes)) == [(96, 160), (160, 96)] and len(shapes) == 8  # one tile, 8 flips/rotations
 
 
@@ -74,10 +83,13 @@ class CountingPredictor:
 
 def test_slices_smaller_than_a_tile_share_forward_passes(tiny_model):
     stack = np.random.default_rng(2).random((5, 60, 52)).astype(np.float32)
-    one_by_one = [predict_slice(lambda t: tiny_model.predict(t, verbose=0), s, margin=16, tile_batch=1) for s in stack]
+    one_by_one = [
+        predict_slice(lambda t: tiny_model.predict(t, verbose=0), s, tiling=Tiling(margin=16, tile_batch=1))
+        for s in stack
+    ]
     for tile_batch, passes in ((3, [3, 2]), (5, [5]), (8, [5])):
         predictor = CountingPredictor(tiny_model)
-        shared = list(predict_stack(predictor, stack, margin=16, tile_batch=tile_batch))
+        shared = list(predict_stack(predictor, stack, tiling=Tiling(margin=16, tile_batch=tile_batch)))
         assert [shape[0] for shape in predictor.calls] == passes
         assert len(shared) == 5 and all(a.shape == (60, 52) for a in shared)
         assert max(np.abs(a - b).max() for a, b in zip(shared, one_by_one)) < 1e-5
@@ -86,9 +98,11 @@ def test_slices_smaller_than_a_tile_share_forward_passes(tiny_model):
 def test_tiles_of_a_slice_larger_than_a_tile_are_batched_with_the_next_slices(tiny_model):
     stack = np.random.default_rng(3).random((3, 100, 70)).astype(np.float32)
     predictor = CountingPredictor(tiny_model)
-    shared = list(predict_stack(predictor, stack, tile=48, margin=8, overlap=4, tile_batch=5))
-    single = [predict_slice(lambda t: tiny_model.predict(t, verbose=0), s, 48, 8, 4, tile_batch=1) for s in stack]
-    per_slice = len(tile_grid(100, 70, 48, 8, 4).origins())
+    shared = list(predict_stack(predictor, stack, tiling=Tiling(tile=48, margin=8, overlap=4, tile_batch=5)))
+    single = [
+        predict_slice(lambda t: tiny_model.predict(t, verbose=0), s, Tiling(48, 8, 4, tile_batch=1)) for s in stack
+    ]
+    per_slice = len(Tiling(48, 8, 4).grid(100, 70).origins())
     assert per_slice == 12  # 4 rows x 3 columns
     assert [shape[0] for shape in predictor.calls] == [5] * 7 + [1]  # full batches across slice boundaries
     assert max(np.abs(a - b).max() for a, b in zip(shared, single)) < 1e-5
@@ -102,7 +116,7 @@ def test_slices_are_read_only_one_batch_ahead():
             taken.append(i)
             yield np.full((30, 30), i / 100, np.float32)
 
-    results = predict_stack(lambda t: t, slices(), margin=8, tile_batch=4)
+    results = predict_stack(lambda t: t, slices(), tiling=Tiling(margin=8, tile_batch=4))
     first = next(results)
     assert np.allclose(first, 0.0) and len(taken) <= 5
     rest = list(results)
@@ -112,7 +126,7 @@ def test_slices_are_read_only_one_batch_ahead():
 def test_tta_batches_the_views_and_averages_them(tiny_model):
     image = np.random.default_rng(4).random((40, 56)).astype(np.float32)  # one tile of 64 x 64 px: square
     predictor = CountingPredictor(tiny_model)
-    averaged = predict_slice(predictor, image, margin=4, tile_batch=8, tta=True)
+    averaged = predict_slice(predictor, image, tta=True, tiling=Tiling(margin=4, tile_batch=8))
     assert predictor.calls == [(8, 64, 64, 1)]  # the 8 views in one forward pass
     padded = np.pad(image, ((4, 20), (4, 4)), mode="reflect")[None, ..., None]
     views = [_dihedral(tiny_model.predict(_dihedral(padded, k), verbose=0), k, inverse=True) for k in range(8)]
@@ -120,7 +134,9 @@ def test_tta_batches_the_views_and_averages_them(tiny_model):
     assert np.abs(averaged - expected).max() < 1e-5
     predictor = CountingPredictor(tiny_model)
     wide = np.random.default_rng(5).random((40, 70)).astype(np.float32)
-    predict_slice(predictor, wide, margin=4, tile_batch=8, tta=True)  # one tile of 64 x 96 px: not square
+    predict_slice(
+        predictor, wide, tta=True, tiling=Tiling(margin=4, tile_batch=8)
+    )  # one tile of 64 x 96 px: not square
     assert sorted(shape[:3] for shape in predictor.calls) == [(4, 64, 96), (4, 96, 64)]
 
 
@@ -133,9 +149,11 @@ def test_dihedral_inverse():
 
 def test_tta_of_a_symmetric_predictor_is_unchanged():
     image = np.random.default_rng(0).random((40, 40)).astype(np.float32)
-    plain = predict_slice(lambda t: t, image, tile=32, margin=4, overlap=4)
+    plain = predict_slice(lambda t: t, image, tiling=Tiling(tile=32, margin=4, overlap=4))
     assert np.allclose(plain, image, atol=1e-6)
-    assert np.allclose(predict_slice(lambda t: t, image, tile=32, margin=4, overlap=4, tta=True), image, atol=1e-6)
+    assert np.allclose(
+        predict_slice(lambda t: t, image, tta=True, tiling=Tiling(tile=32, margin=4, overlap=4)), image, atol=1e-6
+    )
 
 
 def test_predict_file_writes_fiji_tiff_from_savedmodel_parent(tiny_model, tmp_path):
@@ -147,10 +165,8 @@ def test_predict_file_writes_fiji_tiff_from_savedmodel_parent(tiny_model, tmp_pa
         tmp_path / "models" / "m",
         tmp_path / "stack.tif",
         tmp_path / "prob.tif",
-        tile=64,
-        margin=16,
-        overlap=8,
         progress=False,
+        tiling=Tiling(tile=64, margin=16, overlap=8),
     )
     with tifffile.TiffFile(out) as tif:
         assert tif.is_imagej
@@ -160,22 +176,18 @@ def test_predict_file_writes_fiji_tiff_from_savedmodel_parent(tiny_model, tmp_pa
         version / "model.keras",
         tmp_path / "stack.tif",
         tmp_path / "k.tif",
-        tile=64,
-        margin=16,
-        overlap=8,
         progress=False,
+        tiling=Tiling(tile=64, margin=16, overlap=8),
     )
     assert np.allclose(tifffile.imread(keras_prob), probability, atol=1e-5)
     isbi = predict_file(
         version,
         tmp_path / "stack.tif",
         tmp_path / "isbi.tif",
-        tile=64,
-        margin=16,
-        overlap=8,
         binary=True,
         isbi=True,
         progress=False,
+        tiling=Tiling(tile=64, margin=16, overlap=8),
     )
     mask = tifffile.imread(isbi)
     assert mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 255}
@@ -198,14 +210,16 @@ def test_existing_or_unwritable_output_is_refused(tiny_model, tmp_path):
     tifffile.imwrite(tmp_path / "s.tif", np.zeros((1, 64, 64), np.uint8), photometric="minisblack")
     (tmp_path / "prob.tif").write_bytes(b"earlier result")
     with pytest.raises(EmUnetError, match="already exists"):
-        predict_file(version, tmp_path / "s.tif", tmp_path / "prob.tif", tile=128, progress=False)
+        predict_file(version, tmp_path / "s.tif", tmp_path / "prob.tif", progress=False, tiling=Tiling(tile=128))
     assert (tmp_path / "prob.tif").read_bytes() == b"earlier result"
     (tmp_path / "blocker").write_text("file")
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     with pytest.raises(EmUnetError, match="blocker is a file, not a folder"):
-        predict_file(version, tmp_path / "s.tif", tmp_path / "blocker" / "p.tif", tile=128, progress=False)
+        predict_file(
+            version, tmp_path / "s.tif", tmp_path / "blocker" / "p.tif", progress=False, tiling=Tiling(tile=128)
+        )
     with pytest.raises(EmUnetError, match="is a folder: name a file to write"):
-        predict_file(version, tmp_path / "s.tif", tmp_path, tile=128, overwrite=True, progress=False)
+        predict_file(version, tmp_path / "s.tif", tmp_path, overwrite=True, progress=False, tiling=Tiling(tile=128))
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
 
 
@@ -215,7 +229,7 @@ def test_rgb_stack_is_refused(tiny_model, tmp_path):
     version = export_saved_model(tiny_model, "m", tmp_path)
     tifffile.imwrite(tmp_path / "rgb.tif", np.zeros((64, 64, 3), np.uint8), photometric="rgb")
     with pytest.raises(DataError, match="samples per pixel"):
-        predict_file(version, tmp_path / "rgb.tif", tmp_path / "p.tif", tile=128, progress=False)
+        predict_file(version, tmp_path / "rgb.tif", tmp_path / "p.tif", progress=False, tiling=Tiling(tile=128))
 
 
 def test_tile_the_model_cannot_take(tiny_model, tmp_path):
@@ -235,7 +249,11 @@ def test_a_stack_written_slice_by_slice_is_predicted_whole(tiny_model, tmp_path)
             tmp_path / "s.tif", np.full((32, 32), 60 * index, np.uint8), photometric="minisblack", append=True
         )
     out = predict_file(
-        tmp_path / "m.keras", tmp_path / "s.tif", tmp_path / "p.tif", tile=32, margin=4, overlap=4, progress=False
+        tmp_path / "m.keras",
+        tmp_path / "s.tif",
+        tmp_path / "p.tif",
+        progress=False,
+        tiling=Tiling(tile=32, margin=4, overlap=4),
     )
     probability = tifffile.imread(out)
     assert probability.shape == (4, 32, 32)
@@ -259,10 +277,8 @@ def test_a_stack_with_a_bad_slice_writes_nothing(tiny_model, tmp_path):
                 tmp_path / "m.keras",
                 tmp_path / stack,
                 tmp_path / "out" / "p.tif",
-                tile=32,
-                margin=4,
-                overlap=4,
                 progress=False,
+                tiling=Tiling(tile=32, margin=4, overlap=4),
             )
         assert sorted(p.name for p in tmp_path.iterdir()) == before
 

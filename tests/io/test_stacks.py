@@ -4,24 +4,7 @@ import tifffile
 from PIL import Image
 
 from em_unet.errors import DataError
-from em_unet.io.stacks import (
-    load_labelled_stack,
-    membrane_target,
-    read_stack,
-    split_slices,
-    to_unit_range,
-    training_dataset,
-    validation_dataset,
-)
-from em_unet.training.augment import AugmentConfig
-
-
-def synthetic(n=4, size=64, seed=0):
-    rng = np.random.default_rng(seed)
-    images = rng.random((n, size, size), dtype=np.float32)
-    targets = (images > 0.7).astype(np.float32)
-    return images, targets
-
+from em_unet.io.stacks import load_labelled_stack, membrane_target, read_stack, to_unit_range
 
 # ------------------------------------------------------------------ reading
 
@@ -142,72 +125,6 @@ def test_image_and_label_shapes_differ(tmp_path):
     with pytest.raises(DataError) as err:
         load_labelled_stack(tmp_path / "img.tif", tmp_path / "lab.tif")
     assert "label shape (3, 8, 8) differs from image shape (2, 8, 8)" in one_line(err)
-
-
-def test_slices_smaller_than_patch():
-    images, targets = synthetic(size=64)
-    with pytest.raises(DataError) as err:
-        training_dataset(images, targets, patch_size=128)
-    assert "patch size 128 px is larger than the slices (64 x 64 px)" in one_line(err)
-    with pytest.raises(DataError):
-        validation_dataset(images, targets, patch_size=128)
-
-
-# ------------------------------------------------------------------ split and pipeline
-
-
-def test_split_is_contiguous_block():
-    train, val = split_slices(20, val_slices=(15, 19))
-    assert val.tolist() == [15, 16, 17, 18, 19] and train.tolist() == list(range(15))
-    train, val = split_slices(20, val_fraction=0.2)
-    assert val.tolist() == [16, 17, 18, 19]
-    with pytest.raises(DataError, match="outside the stack's slices 0-19"):
-        split_slices(20, val_slices=(18, 25))
-
-
-def batches(dataset, n):
-    return [tuple(t.numpy() for t in batch) for batch in dataset.take(n)]
-
-
-def test_training_dataset_shapes_and_reproducible():
-    images, targets = synthetic()
-    config = AugmentConfig()
-    first = batches(training_dataset(images, targets, patch_size=32, batch_size=3, seed=5, augment=config), 3)
-    again = batches(training_dataset(images, targets, patch_size=32, batch_size=3, seed=5, augment=config), 3)
-    other = batches(training_dataset(images, targets, patch_size=32, batch_size=3, seed=6, augment=config), 3)
-    assert first[0][0].shape == (3, 32, 32, 1) and first[0][1].shape == (3, 32, 32, 1)
-    for (a, b), (c, d) in zip(first, again):
-        assert np.array_equal(a, c) and np.array_equal(b, d)
-    assert not np.array_equal(first[0][0], other[0][0])
-    assert not np.array_equal(first[0][0], first[1][0])
-
-
-def test_unaugmented_crops_come_from_the_stack():
-    images, targets = synthetic(n=2, size=48)
-    for image_batch, target_batch in batches(training_dataset(images, targets, patch_size=16, batch_size=4), 2):
-        for image, target in zip(image_batch[..., 0], target_batch[..., 0]):
-            assert np.array_equal(target, (image > 0.7).astype(np.float32))
-            windows = np.lib.stride_tricks.sliding_window_view(images, (16, 16), axis=(1, 2))
-            assert (windows == image).all(axis=(-1, -2)).any()
-
-
-def test_extra_target_channels_travel_with_the_mask():
-    images, targets = synthetic()
-    weights = np.stack([targets, 1 + targets], axis=-1)
-    image_batch, target_batch = batches(
-        training_dataset(images, weights, patch_size=32, batch_size=2, augment=AugmentConfig()), 1
-    )[0]
-    assert target_batch.shape == (2, 32, 32, 2)
-    assert np.array_equal(target_batch[..., 1], 1 + target_batch[..., 0])
-
-
-def test_validation_crops_cover_every_slice():
-    images, targets = synthetic(n=2, size=80)
-    crops = batches(validation_dataset(images, targets, patch_size=32, batch_size=4), 100)
-    image_crops = np.concatenate([b[0] for b in crops])
-    assert image_crops.shape == (2 * 3 * 3, 32, 32, 1)  # origins 0, 32, 48 on each axis
-    assert np.array_equal(image_crops[0, ..., 0], images[0, :32, :32])
-    assert np.array_equal(image_crops[8, ..., 0], images[0, 48:, 48:])
 
 
 def test_slices_are_read_one_at_a_time_with_the_stack_scaling(tmp_path):

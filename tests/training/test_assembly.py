@@ -76,7 +76,7 @@ def test_precision_auto_follows_the_hardware(monkeypatch):
 
 
 def test_cosine_schedule_warms_up_then_decays_to_one_percent():
-    from em_unet.training.assembly import learning_rate_schedule
+    from em_unet.training.optimizers import learning_rate_schedule
 
     assert learning_rate_schedule(3e-4, "constant", 1000) == 3e-4
     schedule = learning_rate_schedule(1e-3, "cosine", 1000)  # 20 warm-up steps (2 %), then 980 of decay
@@ -129,9 +129,9 @@ def test_a_chunked_volume_trains_on_the_same_crops_read_lazily(isbi_dir, tmp_pat
     import tifffile
 
     from em_unet.config import TrainConfig
-    from em_unet.io.stacks import LazyImages
     from em_unet.io.volumes import create_volume
     from em_unet.training.assembly import make_datasets, prepare_data
+    from em_unet.training.data import LazyImages
 
     images = tifffile.imread(isbi_dir / "train-volume.tif")[:4, :128, :96]
     labels = tifffile.imread(isbi_dir / "train-labels.tif")[:4, :128, :96]

@@ -338,7 +338,8 @@ def test_default_search_size():
 
 def test_settings_round_trip_through_flags():
     from em_unet import cli
-    from em_unet.config import TUNE_EXCLUDED, SearchConfig, TrainConfig, from_args, to_flags
+    from em_unet.config import TUNE_EXCLUDED, SearchConfig, TrainConfig
+    from em_unet.settings import from_args, to_flags
 
     base = TrainConfig(
         data="a.tif",
