@@ -4,6 +4,7 @@ every failure reported as one line (``--debug`` shows the traceback)."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -28,7 +29,7 @@ from em_unet.config import (  # noqa: E402
     VolumeOptions,
 )
 from em_unet.errors import EmUnetError  # noqa: E402
-from em_unet.inference.blockwise import predict_volume  # noqa: E402
+from em_unet.inference.blockwise import CHUNKED_TILING, predict_volume  # noqa: E402
 from em_unet.inference.predict import predict_file  # noqa: E402
 from em_unet.inference.tiling import Tiling  # noqa: E402
 from em_unet.io.files import atomic_output, check_writable  # noqa: E402
@@ -212,6 +213,8 @@ def cmd_predict(args) -> int:
     params = _segment_params(args)  # checked before the long prediction starts, like every option
     tiling = Tiling.of(options)
     if _chunked_output(options.stack, options.output, volume, "predicted block by block"):
+        if "overlap" not in given(args, PredictConfig):
+            tiling = dataclasses.replace(tiling, overlap=CHUNKED_TILING.overlap)  # see --overlap's help
         if options.binary:
             raise EmUnetError("--binary is for TIFF outputs: a chunked output holds the membrane probability")
         if options.segment:

@@ -404,10 +404,10 @@ class PredictConfig(Settings):
         metavar="PX",
     )
     overlap: int = setting(
-        0,
-        "pixels over which neighbouring tiles are blended (0: tiles meet at their cores, each with --margin px of "
-        "context; on chunked outputs an overlap makes each block also predict the parts of its neighbours' tiles "
-        "that reach into it)",
+        16,
+        "pixels over which neighbouring tiles are blended",
+        default_text="16; 0 for chunked outputs, whose blocks follow the tiles: there an overlap makes each block "
+        "also predict the neighbouring tiles that reach into it",
         group="prediction",
         minimum=0,
         maximum=4096,

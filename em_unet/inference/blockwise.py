@@ -36,6 +36,10 @@ from em_unet.io.writers import ResumeMarkers, check_volume_output, open_output
 from em_unet.machine import cpu_cores, gpu_count
 
 DEFAULT_BLOCK_PX = 512  # block side (pixels) for given tiles when the input's chunks are smaller than 64 px
+# The default tiling of chunked outputs (library and command line): no overlap, so that each block is one tile.
+# Blending 16 px would make each block also predict the neighbouring tiles that reach into it, several times
+# the work (benchmarks/tiling.py); slices that fit one tile (up to 992 px) get the same map either way.
+CHUNKED_TILING = Tiling(overlap=0)
 
 # ---------------------------------------------------------------- the work of one block
 
@@ -142,7 +146,7 @@ def predict_volume(
     input_address: str,
     output_address: str,
     key: str | None = None,
-    tiling: Tiling = Tiling(),
+    tiling: Tiling = CHUNKED_TILING,
     tta: bool = PredictConfig.tta,
     isbi: bool = PredictConfig.isbi,
     block: int | None = PredictConfig.block,

@@ -6,12 +6,15 @@ inside that, neighbouring tiles overlap by ``overlap`` px, where their outputs a
 ramps.
 
 The grid depends only on the slice's size and the tiling, never on the container: a TIFF stack predicted
-in memory and the same data as a chunked volume predicted block by block use the same tiles, so they give
-the same map. With ``tile`` None ("auto") a slice that fits in one tile of at most 1024 px a side (with its
-margins) is one tile; a larger one gets the fewest tiles of at most 1024 px that cover it, each as small
-as that allows (multiples of 32 px), so little is predicted twice. Chunked volumes are then cut into
-blocks along the tiles' cores (:meth:`Tiling.block_side`): with no overlap each block is exactly one
-tile, as fast as predicting the slice whole.
+in memory and the same data as a chunked volume predicted block by block, with the same tiling, use the
+same tiles and give the same map. With ``tile`` None ("auto") a slice that fits in one tile of at most
+1024 px a side (with its margins) is one tile; a larger one gets the fewest tiles of at most 1024 px that
+cover it, each as small as that allows (multiples of 32 px), so little is predicted twice. Chunked volumes
+are cut into blocks along the tiles' cores (:meth:`Tiling.block_side`), and by default they are not
+blended (:data:`em_unet.inference.blockwise.CHUNKED_TILING`), so each block is exactly one tile: where a
+slice fits one tile (ISBI's 512 px) the map is the same as in memory at the defaults; where it is tiled,
+the seams are not blended (measured in ``benchmarks/tiling.py``; ``--overlap 16`` blends them at several
+times the work).
 """
 
 from __future__ import annotations

@@ -35,10 +35,12 @@ def test_tiling_is_frozen_and_checked_once_on_construction():
 def test_library_defaults_are_the_command_lines():
     cli_defaults = PredictConfig(model="m", stack="s", output="o.tif")
     assert Tiling() == Tiling.of(cli_defaults)
-    assert (Tiling().tile, Tiling().margin, Tiling().overlap, Tiling().tile_batch) == (None, 16, 0, 4)
+    assert (Tiling().tile, Tiling().margin, Tiling().overlap, Tiling().tile_batch) == (None, 16, 16, 4)
     for function in (predict.predict_slice, predict.predict_stack, predict.predict_file, blockwise.predict_volume):
         parameters = inspect.signature(function).parameters
-        assert parameters["tiling"].default == Tiling(), function.__name__
+        chunked = function is blockwise.predict_volume
+        expected = blockwise.CHUNKED_TILING if chunked else Tiling()
+        assert parameters["tiling"].default == expected, function.__name__
         for name in ("tta", "isbi", "binary", "overwrite", "block"):
             if name in parameters:
                 assert parameters[name].default == getattr(cli_defaults, name), (function.__name__, name)
@@ -55,31 +57,41 @@ def test_auto_tiles_cover_wide_slices_with_little_twice():
         assert tiling.block_side(side) == min(side, grid.stride_h)
 
 
+def predict_both(tmp_path, name, stack, tiff_flags=(), zarr_flags=()):
+    """``em-unet predict`` of ``stack`` as a TIFF and as a Zarr volume (chunks of 128 px, one worker)."""
+    from em_unet import cli
+
+    tifffile.imwrite(tmp_path / f"{name}.tif", stack, photometric="minisblack")
+    with create_volume(f"{tmp_path}/{name}.zarr", stack.shape, stack.dtype, (1, 128, 128)) as volume:
+        volume[...] = stack
+    model = str(tmp_path / "m.keras")
+    tiff_out, zarr_out = tmp_path / f"{name}-p.tif", f"{tmp_path}/{name}-p.zarr"
+    assert cli.main(["predict", model, str(tmp_path / f"{name}.tif"), "-o", str(tiff_out), *tiff_flags]) == 0
+    assert cli.main(["predict", model, f"{tmp_path}/{name}.zarr", "-o", zarr_out, "--workers", "1", *zarr_flags]) == 0
+    return tifffile.imread(tiff_out), open_volume(zarr_out)
+
+
 @pytest.mark.slow
-def test_a_stack_gives_the_same_map_as_tiff_and_as_zarr_at_the_defaults(tmp_path, isbi_dir):
+def test_a_stack_gives_the_same_map_as_tiff_and_as_zarr(tmp_path, isbi_dir):
     """A user who converts a stack to Zarr gets the same map: one tile grid, whatever the container."""
     import keras
 
-    from em_unet import cli
     from em_unet.training.model import build_unet
 
     keras.utils.set_random_seed(2)
     build_unet(depth=2, base_filters=4).save(tmp_path / "m.keras")
     isbi = tifffile.imread(isbi_dir / "train-volume.tif")[:2]
-    stack = np.concatenate([isbi, isbi[:, :, ::-1], isbi], axis=2)[:, :300, :1100]  # wider than one auto tile
-    tifffile.imwrite(tmp_path / "stack.tif", stack)
-    with create_volume(f"{tmp_path}/stack.zarr", stack.shape, stack.dtype, (1, 128, 128)) as volume:
-        volume[...] = stack
+    # ISBI's slices fit one tile: the same map at the defaults of both
+    as_tiff, as_zarr = predict_both(tmp_path, "isbi", isbi)
+    assert np.abs(as_tiff - as_zarr[...]).max() < 1e-5 and as_zarr.chunks == (1, 512, 512)  # a block per tile
+    # a slice wider than one auto tile: the same map with the same overlap, whatever the blocks
+    wide = np.concatenate([isbi, isbi[:, :, ::-1], isbi], axis=2)[:, :300, :1100]
     assert Tiling().grid(300, 1100).cols == 2
-    model = tmp_path / "m.keras"
-    assert cli.main(["predict", str(model), str(tmp_path / "stack.tif"), "-o", str(tmp_path / "p.tif")]) == 0
-    assert (
-        cli.main(["predict", str(model), f"{tmp_path}/stack.zarr", "-o", f"{tmp_path}/p.zarr", "--workers", "1"]) == 0
+    as_tiff, as_zarr = predict_both(tmp_path, "wide", wide, tiff_flags=["--overlap", "0"])
+    assert np.abs(as_tiff - as_zarr[...]).max() < 1e-5
+    assert as_zarr.chunks == (1, 300, 576) == (1, 300, blockwise.CHUNKED_TILING.block_side(1100))
+    blended_tiff, blended_zarr = predict_both(
+        tmp_path, "blended", wide, zarr_flags=["--overlap", "16", "--block", "256"]
     )
-    as_tiff, as_zarr = tifffile.imread(tmp_path / "p.tif"), open_volume(f"{tmp_path}/p.zarr")[...]
-    assert np.abs(as_tiff - as_zarr).max() < 1e-5
-    assert open_volume(f"{tmp_path}/p.zarr").chunks == (1, 300, 576)  # a block per auto tile
-    # other blocks read and predict other windows, and still give the same map
-    argv = ["predict", str(model), f"{tmp_path}/stack.zarr", "-o", f"{tmp_path}/q.zarr", "--block", "256"]
-    assert cli.main([*argv, "--workers", "1"]) == 0
-    assert np.abs(open_volume(f"{tmp_path}/q.zarr")[...] - as_tiff).max() < 1e-5
+    assert np.abs(blended_tiff - blended_zarr[...]).max() < 1e-5
+    assert np.abs(blended_tiff - as_tiff).max() > 1e-3  # blending changes the seams
