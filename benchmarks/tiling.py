@@ -49,6 +49,9 @@ def quality(model: str) -> None:
         print(f"  {name:36s} V_rand {scores['v_rand']:.4f}  V_info {scores['v_info']:.4f}")
 
 
+DEFAULT = " (default)"
+
+
 def containers(model: str) -> None:
     isbi = tifffile.imread(ISBI / "train-volume.tif")[:4, :, :]
     stack = np.concatenate([isbi, isbi[:, :, ::-1]], axis=2)
@@ -76,7 +79,7 @@ def containers(model: str) -> None:
             seconds = time.perf_counter() - start
             difference = np.abs(as_tiff[overlap] - open_volume(out)[...]).max()
             print(
-                f"  Zarr blockwise --overlap {overlap:2d}{' (default)' if overlap == 0 else '          '}: {seconds:.1f} s "
+                f"  Zarr blockwise --overlap {overlap:2d}{DEFAULT if overlap == 0 else ' ' * len(DEFAULT)}: {seconds:.1f} s "
                 f"({seconds / in_memory:.2f}x, one worker, cluster start included); largest difference from the TIFF "
                 f"of the same overlap {difference:.1e}"
             )
