@@ -78,8 +78,9 @@ def containers(model: str) -> None:
             )
             seconds = time.perf_counter() - start
             difference = np.abs(as_tiff[overlap] - open_volume(out)[...]).max()
+            label = f"--overlap {overlap:2d}{DEFAULT if overlap == 0 else ' ' * len(DEFAULT)}"
             print(
-                f"  Zarr blockwise --overlap {overlap:2d}{DEFAULT if overlap == 0 else ' ' * len(DEFAULT)}: {seconds:.1f} s "
+                f"  Zarr blockwise {label}: {seconds:.1f} s "
                 f"({seconds / in_memory:.2f}x, one worker, cluster start included); largest difference from the TIFF "
                 f"of the same overlap {difference:.1e}"
             )
