@@ -8,7 +8,7 @@ from em_unet.errors import EmUnetError
 from em_unet.training.assembly import StepAugmentedModel
 from em_unet.training.augment import AugmentConfig
 from em_unet.training.model import build_unet
-from tests.test_augment import PY_OPS
+from tests.training.test_augment import PY_OPS
 
 
 def test_augmentation_inside_the_training_step():
