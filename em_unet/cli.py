@@ -36,7 +36,7 @@ from em_unet.io.files import atomic_output, check_writable  # noqa: E402
 from em_unet.io.volumes import is_volume_address, parse_address  # noqa: E402
 from em_unet.io.writers import output_kind  # noqa: E402
 from em_unet.segmentation.blockwise import segment_volume  # noqa: E402
-from em_unet.segmentation.metrics import evaluate_files  # noqa: E402
+from em_unet.segmentation.metrics import MIN_OVERLAP_PX, evaluate_files  # noqa: E402
 from em_unet.segmentation.watershed import SegmentParams, check_segment_outputs, segment_file  # noqa: E402
 from em_unet.settings import add_arguments, check_value, from_args, given  # noqa: E402
 
@@ -302,6 +302,22 @@ def cmd_evaluate(args) -> int:
         f"(means over {scores['slices']} slices, as the ISBI 2012 challenge scores; "
         f"V_rand pooled over slices {scores['v_rand_pooled']:.4f})"
     )
+    of = "" if scores["kind"] == "segments" else " (of the thinned map at the V_rand threshold)"
+    print(
+        f"VOI         split {scores['voi_split']:.4f}, merge {scores['voi_merge']:.4f} nats; "
+        f"adapted Rand error {scores['adapted_rand_error']:.4f}{of}"
+    )
+    print(
+        f"segments    {scores['segments']} found, {scores['truth_segments']} in the ground truth: "
+        f"{scores['false_merges']} false merges, {scores['false_splits']} false splits "
+        f"(overlaps >= {MIN_OVERLAP_PX} px)"
+    )
+    for kind, joined in (("merges", "ground-truth cells in one segment"), ("splits", "segments in one cell")):
+        for row in scores[f"largest_false_{kind}"][:3]:
+            print(
+                f"  false {kind[:-1]:5s} slice {row['slice']} at (y {row['y']:.0f}, x {row['x']:.0f}): "
+                f"{row['segments']} {joined}, {row['pixels']} px off"
+            )
     if options.output:
         with atomic_output(options.output, options.overwrite) as tmp:
             tmp.write_text(json.dumps(scores, indent=2))

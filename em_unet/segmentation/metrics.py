@@ -44,6 +44,7 @@ import numpy as np
 import tifffile
 from scipy import ndimage
 from skimage.measure import label
+from skimage.metrics import variation_of_information
 
 from em_unet.errors import DataError
 from em_unet.io.stacks import FIXED_RANGES, check_finite, membrane_target, read_stack, to_unit_range
@@ -285,7 +286,7 @@ def evaluate_stack(
         cell = np.stack([cell_mask(p, threshold) for p in membrane_probability])
         counts = [slice_counts(fiji_thinned_labels(c), truth) for c, truth in zip(cell, truths)]
         counts_by_threshold.append(counts)
-        row = {"threshold": round(float(threshold), 6), **stack_scores(counts)}
+        row = {"threshold": round(float(threshold), 6), "threshold_value": threshold, **stack_scores(counts)}
         tp = int((cell & true_cell).sum())
         fp = int((cell & ~true_cell).sum())
         fn = int((~cell & true_cell).sum())
@@ -293,6 +294,7 @@ def evaluate_stack(
         rows.append(row)
     best = {key: max(range(len(rows)), key=lambda i: rows[i][key]) for key in ("v_rand", "v_info", "pixel_f1")}
     rand_row, info_row = rows[best["v_rand"]], rows[best["v_info"]]
+    thinned = np.stack([fiji_thinned_labels(cell_mask(p, rand_row["threshold_value"])) for p in membrane_probability])
     rand_slices = [scores_of_slice(c) for c in counts_by_threshold[best["v_rand"]]]
     info_slices = [scores_of_slice(c) for c in counts_by_threshold[best["v_info"]]]
     return {
@@ -305,24 +307,105 @@ def evaluate_stack(
         "v_info_split": info_row["v_info_split"],
         "v_info_merge": info_row["v_info_merge"],
         "v_rand_pooled": max(row["v_rand_pooled"] for row in rows),
+        # the field's other scores, of the thinned proposal at the best V_rand's threshold
+        "adapted_rand_error": 1.0 - rand_row["v_rand_pooled"],
+        **segment_errors(thinned, np.stack(truths)),
         "pixel_error": 1.0 - rows[best["pixel_f1"]]["pixel_f1"],
         "pixel_error_threshold": rows[best["pixel_f1"]]["threshold"],
         "slices": int(membrane_probability.shape[0]),
         "per_slice": [{"v_rand": r["v_rand"], "v_info": i["v_info"]} for r, i in zip(rand_slices, info_slices)],
-        "per_threshold": rows,
+        "per_threshold": [{k: v for k, v in row.items() if k != "threshold_value"} for row in rows],
+    }
+
+
+MIN_OVERLAP_PX = 50  # an overlap smaller than this is a border's misplacement, not a false merge or split
+
+
+def _errors(sizes_from: np.ndarray, pairs: np.ndarray, overlaps: np.ndarray, sizes: np.ndarray, min_overlap_px: int):
+    """For each segment of one side (``sizes``), how many segments of the other side it overlaps by at
+    least ``min_overlap_px`` and how many of its pixels lie outside its largest overlap."""
+    counted = overlaps >= min_overlap_px
+    parts = np.bincount(pairs[counted], minlength=len(sizes))
+    largest_overlap = np.zeros(len(sizes), np.int64)
+    np.maximum.at(largest_overlap, pairs, overlaps)
+    return parts, sizes - largest_overlap
+
+
+def segment_errors(
+    segments: np.ndarray, truths: np.ndarray, largest: int = 10, min_overlap_px: int = MIN_OVERLAP_PX
+) -> dict:
+    """What the wider field reports of a label stack against ground-truth segments, both ``(z, y, x)``
+    integer labels; each slice's labels are its own (sections), ground-truth label 0 (membrane) is left out
+    and proposal label 0 is one more label.
+
+    - ``voi_split`` = H(S|T) and ``voi_merge`` = H(T|S), nats, over the stack (scikit-image's
+      ``variation_of_information``);
+    - ``truth_segments`` and ``segments`` (proposal labels other than 0 inside the ground-truth cells);
+    - ``false_merges``: proposal segments that overlap two or more ground-truth segments by at least
+      ``min_overlap_px`` px each; ``false_splits``: ground-truth segments that two or more proposal segments
+      overlap so; ``largest_false_merges`` / ``largest_false_splits``: the ``largest`` of each, by the pixels
+      outside the segment's largest overlap, with the slice, the centroid (y, x px) and the segments involved.
+    """
+    foreground = truths > 0
+    z, y, x = np.nonzero(foreground)
+    t_keys, t_index = np.unique(np.stack([z, truths[foreground]]), axis=1, return_inverse=True)
+    s_keys, s_index = np.unique(np.stack([z, segments[foreground]]), axis=1, return_inverse=True)
+    t_index, s_index = t_index.ravel(), s_index.ravel()
+    voi_split, voi_merge = variation_of_information(t_index + 1, s_index + 1)
+    pair_keys, overlaps = np.unique(t_index.astype(np.int64) * len(s_keys[0]) + s_index, return_counts=True)
+    pair_t, pair_s = np.divmod(pair_keys, len(s_keys[0]))
+    t_sizes, s_sizes = np.bincount(t_index), np.bincount(s_index)
+    is_boundary = s_keys[1] == 0  # proposal label 0 neither merges nor splits
+    keep = ~is_boundary[pair_s]
+    merged, merge_px = _errors(s_sizes, pair_s[keep], overlaps[keep], s_sizes, min_overlap_px)
+    split, split_px = _errors(t_sizes, pair_t[keep], overlaps[keep], t_sizes, min_overlap_px)
+    merges = np.flatnonzero((merged >= 2) & ~is_boundary)
+    splits = np.flatnonzero(split >= 2)
+
+    def table(which, index, sizes, parts, outside, kind):
+        rows = []
+        for i in which[np.argsort(-outside[which], kind="stable")][:largest]:
+            inside = index == i
+            rows.append(
+                {
+                    "slice": int((t_keys if kind == "truth" else s_keys)[0][i]),
+                    "label": int((t_keys if kind == "truth" else s_keys)[1][i]),
+                    "segments": int(parts[i]),
+                    "pixels": int(outside[i]),
+                    "y": round(float(y[inside].mean()), 1),
+                    "x": round(float(x[inside].mean()), 1),
+                }
+            )
+        return rows
+
+    return {
+        "voi_split": float(voi_split),
+        "voi_merge": float(voi_merge),
+        "truth_segments": int(len(t_sizes)),
+        "segments": int((~is_boundary).sum()),
+        "false_merges": int(len(merges)),
+        "false_splits": int(len(splits)),
+        "largest_false_merges": table(merges, s_index, s_sizes, merged, merge_px, "proposal"),
+        "largest_false_splits": table(splits, t_index, t_sizes, split, split_px, "truth"),
     }
 
 
 def evaluate_segments(segments: np.ndarray, membrane_target: np.ndarray) -> dict:
     """The challenge's foreground-restricted V_rand and V_info of a label image (one integer label per
     neuron section, 0 = boundary) against a target stack with 1 = membrane, averaged over slices;
-    no threshold, no thinning. ``per_slice`` gives each slice's V_rand and V_info."""
+    no threshold, no thinning. ``per_slice`` gives each slice's V_rand and V_info; beside them the
+    field's other scores (:func:`segment_errors`) and CREMI's adapted Rand error (1 - the F-score of the
+    pair counts pooled over the stack, proposal label 0 counted as singletons)."""
     segments, membrane_target = _checked_pair(segments, membrane_target, "segments")
     check_segments(segments, "segments")
-    counts = [slice_counts(s, truth_segments(t)) for s, t in zip(segments, membrane_target)]
+    truths = np.stack([truth_segments(t) for t in membrane_target])
+    counts = [slice_counts(s, t) for s, t in zip(segments, truths)]
     per_slice = [scores_of_slice(c) for c in counts]
+    scores = stack_scores(counts)
     return {
-        **stack_scores(counts),
+        **scores,
+        "adapted_rand_error": 1.0 - scores["v_rand_pooled"],
+        **segment_errors(segments, truths),
         "slices": int(segments.shape[0]),
         "per_slice": [{"v_rand": row["v_rand"], "v_info": row["v_info"]} for row in per_slice],
     }

@@ -346,3 +346,83 @@ def test_evaluate_files_reads_maps_and_label_images(tmp_path):
         tifffile.imwrite(tmp_path / name, values, photometric="minisblack")
         with pytest.raises(DataError, match=message):
             evaluate_files(tmp_path / name, tmp_path / "labels.tif", segments=as_segments)
+
+
+# ------------------------------------------------------------ the field's other scores
+
+
+def random_segments(rng, shape, cells):
+    """A label stack of ``cells`` random Voronoi cells a slice (labels from 1), and a membrane target that
+    draws the cells' borders (1 = membrane)."""
+    from scipy import ndimage
+
+    stack = np.zeros(shape, np.int32)
+    for z in range(shape[0]):
+        seeds = np.zeros(shape[1:], np.int32)
+        points = rng.integers(0, shape[1], (cells, 2))
+        seeds[points[:, 0], points[:, 1]] = np.arange(1, cells + 1)
+        _, (rows, cols) = ndimage.distance_transform_edt(seeds == 0, return_indices=True)
+        stack[z] = seeds[rows, cols]
+    border = np.zeros(shape, bool)
+    border[:, 1:] |= stack[:, 1:] != stack[:, :-1]
+    border[:, :, 1:] |= stack[:, :, 1:] != stack[:, :, :-1]
+    return stack, border.astype(np.float32)
+
+
+def test_voi_split_and_merge_equal_scikit_images_and_the_adapted_rand_error_cremis():
+    from skimage.metrics import variation_of_information
+
+    rng = np.random.default_rng(5)
+    truth_cells, target = random_segments(rng, (3, 64, 64), 12)
+    proposal, _ = random_segments(rng, (3, 64, 64), 9)
+    proposal[0, :5, :5] = 0  # boundary pixels: one more label for VOI, singletons for the Rand counts
+    scores = evaluate_segments(proposal, target)
+    truths = np.stack([truth_segments(t) for t in target])
+    offsets = np.arange(3)[:, None, None] * 1000  # each slice's labels its own, as the scores take them
+    foreground = truths > 0
+    split, merge = variation_of_information((truths + offsets)[foreground], (proposal + offsets)[foreground])
+    assert scores["voi_split"] == pytest.approx(split, abs=1e-12)
+    assert scores["voi_merge"] == pytest.approx(merge, abs=1e-12)
+    # skimage's adapted Rand error counts pairs of distinct pixels (n^2 - n) where CREMI and Fiji count n^2,
+    # and gives label 0 no special role: without label 0 the two agree to O(1 / segment size)
+    no_boundary = proposal.copy()
+    no_boundary[0, :5, :5] = no_boundary[0, 5, 5]
+    are = evaluate_segments(no_boundary, target)["adapted_rand_error"]
+    error, _, _ = adapted_rand_error(
+        np.where(foreground, truths + offsets, 0).ravel(), (no_boundary + offsets).ravel(), ignore_labels=(0,)
+    )
+    assert are == pytest.approx(error, abs=2e-3) and are > 0.05
+
+
+def test_false_merges_and_splits_are_counted_and_located():
+    target = np.zeros((1, 40, 60), np.float32)
+    target[0, :, 20] = target[0, :, 40] = 1  # three ground-truth cells: x 0-19, 21-39, 41-59
+    proposal = np.zeros((1, 40, 60), np.int32)
+    proposal[0, :, :40] = 1  # merges the first two cells
+    proposal[0, :20, 40:] = 2  # splits the third in two halves
+    proposal[0, 20:, 40:] = 3
+    proposal[0, 0, 21:24] = 4  # a 3-px sliver in the second cell: below the overlap threshold, no split
+    scores = evaluate_segments(proposal, target)
+    assert scores["truth_segments"] == 3 and scores["segments"] == 4
+    assert scores["false_merges"] == 1 and scores["false_splits"] == 1
+    merge, split = scores["largest_false_merges"][0], scores["largest_false_splits"][0]
+    assert (merge["slice"], merge["label"], merge["segments"]) == (0, 1, 2)
+    assert merge["pixels"] == 40 * 19 - 3 and merge["x"] == pytest.approx(19.0, abs=0.5)  # the smaller cell, off
+    assert (split["segments"], split["pixels"]) == (2, 20 * 19)
+    assert split["y"] == pytest.approx(19.5) and split["x"] == pytest.approx(50.0)
+    perfect = evaluate_segments(truth_segments(target[0])[None], target)
+    assert perfect["false_merges"] == perfect["false_splits"] == 0
+    assert perfect["voi_split"] == perfect["voi_merge"] == perfect["adapted_rand_error"] == pytest.approx(0.0)
+
+
+def test_probability_maps_report_the_fields_scores_of_their_thinned_proposal(fiji_reference_dir):
+    cases = {name: case for name, *case in fiji_reference_cases(fiji_reference_dir)}
+    probability, target, _ = cases["membrane-prob-b.tif"]
+    scores = evaluate_stack(probability, target)
+    assert scores["adapted_rand_error"] == pytest.approx(1 - 0.7934123407286249, abs=1e-9)  # Fiji's pooled
+    # the three erased membranes are the largest false merges, where they were erased
+    merges = scores["largest_false_merges"][:3]
+    assert {row["slice"] for row in merges} == {0, 1, 2}
+    slice0 = next(row for row in merges if row["slice"] == 0)
+    assert abs(slice0["x"] - 251) < 30  # slice 0's membrane was erased at columns 250-252
+    assert scores["voi_merge"] > scores["voi_split"] > 0
