@@ -15,7 +15,7 @@ def test_the_installed_keras_is_a_checked_one_and_setup_py_bounds_it():
     from pathlib import Path
 
     check_keras_version(keras.__version__)
-    setup = (Path(__file__).resolve().parents[1] / "setup.py").read_text()
+    setup = (Path(__file__).resolve().parents[2] / "setup.py").read_text()
     assert f'"keras>={CHECKED_KERAS[0]},<3.{int(CHECKED_KERAS[-1].split(".")[1]) + 1}"' in setup
 
 
