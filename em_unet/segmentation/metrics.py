@@ -71,16 +71,33 @@ def truth_segments(membrane_target: np.ndarray) -> np.ndarray:
     return label(membrane_target < 0.5, connectivity=1)
 
 
+def fiji_cell_probability(membrane_probability: np.ndarray) -> np.ndarray:
+    """The float32 cell probability Fiji scores, as float64 for comparing with Fiji's double thresholds."""
+    # 1 - p is computed in double and rounded once, which for a float32 p is float32 arithmetic and for an
+    # 8/16-bit map's v / 255 is the rounding Fiji's float32 image has.
+    return (1.0 - np.asarray(membrane_probability, np.float64)).astype(np.float32).astype(np.float64)
+
+
 def cell_mask(membrane_probability: np.ndarray, threshold: float) -> np.ndarray:
     """Where Fiji counts a pixel as cell: its float32 cell probability is above the double ``threshold``."""
-    # Fiji's proposal is the float32 cell probability; 1 - p is computed in double and rounded once,
-    # which for a float32 p is float32 arithmetic and for an 8/16-bit map's v / 255 is Fiji's rounding.
-    cell_probability = (1.0 - np.asarray(membrane_probability, np.float64)).astype(np.float32)
-    return cell_probability.astype(np.float64) > threshold
+    return fiji_cell_probability(membrane_probability) > threshold
+
+
+def _one_region(seen: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of neighbour labels (0: line or undecided), the one region among them (0 for none or two),
+    and whether there were two."""
+    low = np.where(seen > 0, seen, np.iinfo(np.int32).max).min(axis=1)
+    high = seen.max(axis=1)
+    conflict = (high > 0) & (low != high)
+    return np.where((high > 0) & ~conflict, high, 0).astype(np.int32), conflict
+
+
+IN_PLANE = np.array([[[0, 0, 0], [0, 0, 0], [0, 0, 0]], [[0, 1, 0], [1, 1, 1], [0, 1, 0]], [[0, 0, 0]] * 3])
 
 
 def fiji_thinned_labels(cell: np.ndarray) -> np.ndarray:
-    """Fiji's ``WatershedTransform2D(255 * ~cell, 4).apply()`` of one binary slice, as integer labels.
+    """Fiji's ``WatershedTransform2D(255 * ~cell, 4).apply()`` of each binary slice of ``cell`` (one
+    ``(y, x)`` slice or a ``(z, y, x)`` stack, each slice on its own), as integer labels.
 
     Soille and Vincent's flooding has two levels here. The cells (level 0) become the regions.
     The border pixels (level 255) are queued breadth-first from the regions, and a border pixel takes
@@ -89,62 +106,66 @@ def fiji_thinned_labels(cell: np.ndarray) -> np.ndarray:
     the cells see each other in queue order, which is why the line of an even-width membrane falls
     where Fiji puts it: the first distance's queue is Fiji's column-by-column pixel list, and each
     further distance is queued in the order its pixels are first reached.
-    The labels' values differ from Fiji's; every score ignores them. A slice without cell pixels is
-    one region, as Fiji floods it.
+    The labels' values differ from Fiji's (and are unique across slices); every score ignores them. A
+    slice without cell pixels is one region, as Fiji floods it. The slices of a stack are flooded
+    together, one queue per distance for all of them, which gives each the order it has alone.
     """
     cell = np.asarray(cell, bool)
-    if not cell.any():
-        return np.ones(cell.shape, np.int32)
-    regions = label(cell, connectivity=1).astype(np.int32)
-    if cell.all():
-        return regions
-    # Work on the transposed slice, so that row-major order is Fiji's column-by-column order, framed by
-    # one pixel that is never queued (distance -1).
-    columns, rows = cell.shape[1], cell.shape[0]
-    width = rows + 2
-    distance = np.full((columns + 2, width), -1, np.int64)
-    distance[1:-1, 1:-1] = ndimage.distance_transform_cdt(~cell.T, metric="taxicab")
-    state = np.zeros_like(distance, np.int32)
-    state[1:-1, 1:-1] = regions.T
-    distance, state = distance.ravel(), state.ravel()
-    steps = np.array([dr * width + dc for dr, dc in _FIJI_STEPS])
+    stack = cell if cell.ndim == 3 else cell[None]
+    regions = ndimage.label(stack, IN_PLANE)[0].astype(np.int32)  # 4-connected, within each slice
+    empty = ~stack.any(axis=(1, 2))
+    regions[empty] = 1
+    result = regions if stack.all() or not stack[~empty].size else _flood(stack, regions, empty)
+    return result if cell.ndim == 3 else result[0]
 
-    order = np.flatnonzero(distance == 1)  # first distance: Fiji's pixel-list order
+
+def _flood(stack: np.ndarray, regions: np.ndarray, empty: np.ndarray) -> np.ndarray:
+    """The flooding of :func:`fiji_thinned_labels` over the border pixels of every slice with cells."""
+    # Each slice transposed, so that row-major order is Fiji's column-by-column order, framed by one pixel
+    # that is never queued (distance -1); the slices follow each other.
+    slices, rows, columns = stack.shape
+    width = rows + 2
+    distance = np.full((slices, columns + 2, width), -1, np.int32)
+    for z in np.flatnonzero(~empty):
+        distance[z, 1:-1, 1:-1] = ndimage.distance_transform_cdt(~stack[z].T, metric="taxicab")
+    state = np.zeros_like(distance)
+    state[:, 1:-1, 1:-1] = regions.transpose(0, 2, 1)
+    distance, state = distance.ravel(), state.ravel()
+    steps = np.array([dr * width + dc for dr, dc in _FIJI_STEPS], np.int32)
+
+    rank = np.full(distance.size, -1, np.int32)  # a pixel's place in its distance's queue
+    order = np.flatnonzero(distance == 1).astype(np.int32)  # first distance: Fiji's pixel-list order
     level = 1
     while order.size:
-        rank = np.full(distance.size, -1, np.int64)
-        rank[order] = np.arange(order.size)
+        rank[order] = np.arange(order.size, dtype=np.int32)
         neighbours = order[:, None] + steps[None, :]  # (pixels, 4)
         neighbour_distance = distance[neighbours]
-        decided_before = neighbour_distance == level - 1  # regions (level 1) or earlier distances: final
+        seen = np.where(neighbour_distance == level - 1, state[neighbours], 0)  # decided: regions or before
+        result, conflict = _one_region(seen)
         same_level_earlier = (neighbour_distance == level) & (rank[neighbours] < rank[order][:, None])
-        # A pixel depends on its earlier neighbours at its own distance; iterate to the fixed point,
-        # which (dependencies run from earlier to later in queue order) is the sequential result.
-        result = np.zeros(order.size, np.int32)
-        while True:
-            seen = np.where(decided_before | same_level_earlier, state[neighbours], 0)
-            seen[same_level_earlier] = result[rank[neighbours[same_level_earlier]]]
-            positive = seen > 0
-            low = np.where(positive, seen, np.iinfo(np.int32).max).min(axis=1)
-            high = np.where(positive, seen, 0).max(axis=1)
-            updated = np.where(positive.any(axis=1) & (low == high), high, 0).astype(np.int32)
-            if np.array_equal(updated, result):
-                break
-            result = updated
+        waiting = np.flatnonzero(same_level_earlier.any(axis=1) & ~conflict)  # two regions: line whatever comes
+        if waiting.size:
+            # These pixels also see their neighbours at the same distance that left the queue before them;
+            # iterate to the fixed point, which (dependencies run from earlier to later in the queue) is
+            # the sequential result.
+            earlier = same_level_earlier[waiting]
+            earlier_rank = rank[neighbours[waiting]][earlier]
+            while True:
+                trial = seen[waiting]
+                trial[earlier] = result[earlier_rank]
+                updated = _one_region(trial)[0]
+                if np.array_equal(updated, result[waiting]):
+                    break
+                result[waiting] = updated
         state[order] = result
-        # The next distance, queued in the order its pixels are first reached: by the rank of the
-        # reaching pixel, then by the neighbour's place in Fiji's neighbour order.
-        reached = neighbour_distance == level + 1
-        if not reached.any():
-            break
-        keys = (np.arange(order.size)[:, None] * 4 + np.arange(4)[None, :])[reached]
-        targets = neighbours[reached]
-        first = np.full(distance.size, np.iinfo(np.int64).max, np.int64)
-        np.minimum.at(first, targets, keys)
-        following = np.unique(targets)
-        order = following[np.argsort(first[following], kind="stable")]
+        # The next distance, queued in the order its pixels are first reached: by the queue place of the
+        # reaching pixel, then by the neighbour's place in Fiji's neighbour order, which is row-major here.
+        targets = neighbours[neighbour_distance == level + 1]
+        _, first = np.unique(targets, return_index=True)
+        order = targets[np.sort(first)]
         level += 1
-    return state.reshape(columns + 2, width)[1:-1, 1:-1].T.copy()
+    flooded = state.reshape(slices, columns + 2, width)[:, 1:-1, 1:-1].transpose(0, 2, 1)
+    return np.where(empty[:, None, None], regions, flooded)
 
 
 def thinned_proposal(membrane_probability: np.ndarray, threshold: float) -> np.ndarray:
@@ -282,9 +303,10 @@ def evaluate_stack(
     truths = [truth_segments(t) for t in membrane_target]
     true_cell = membrane_target < 0.5
     rows, counts_by_threshold = [], []
+    cell_probability = fiji_cell_probability(membrane_probability)
     for threshold in thresholds:
-        cell = np.stack([cell_mask(p, threshold) for p in membrane_probability])
-        counts = [slice_counts(fiji_thinned_labels(c), truth) for c, truth in zip(cell, truths)]
+        cell = cell_probability > threshold
+        counts = [slice_counts(proposal, truth) for proposal, truth in zip(fiji_thinned_labels(cell), truths)]
         counts_by_threshold.append(counts)
         row = {"threshold": round(float(threshold), 6), "threshold_value": threshold, **stack_scores(counts)}
         tp = int((cell & true_cell).sum())
@@ -294,7 +316,7 @@ def evaluate_stack(
         rows.append(row)
     best = {key: max(range(len(rows)), key=lambda i: rows[i][key]) for key in ("v_rand", "v_info", "pixel_f1")}
     rand_row, info_row = rows[best["v_rand"]], rows[best["v_info"]]
-    thinned = np.stack([fiji_thinned_labels(cell_mask(p, rand_row["threshold_value"])) for p in membrane_probability])
+    thinned = fiji_thinned_labels(cell_probability > rand_row["threshold_value"])
     rand_slices = [scores_of_slice(c) for c in counts_by_threshold[best["v_rand"]]]
     info_slices = [scores_of_slice(c) for c in counts_by_threshold[best["v_info"]]]
     return {
@@ -348,9 +370,16 @@ def segment_errors(
     """
     foreground = truths > 0
     z, y, x = np.nonzero(foreground)
-    t_keys, t_index = np.unique(np.stack([z, truths[foreground]]), axis=1, return_inverse=True)
-    s_keys, s_index = np.unique(np.stack([z, segments[foreground]]), axis=1, return_inverse=True)
-    t_index, s_index = t_index.ravel(), s_index.ravel()
+
+    def per_slice(labels: np.ndarray) -> tuple[tuple[np.ndarray, np.ndarray], np.ndarray]:
+        """((slice, label) of each distinct section, the section of each foreground pixel)."""
+        values = labels[foreground].astype(np.int64)
+        span = int(values.max(initial=0)) + 1
+        keys, index = np.unique(z * span + values, return_inverse=True)
+        return np.divmod(keys, span), index.ravel()
+
+    t_keys, t_index = per_slice(truths)
+    s_keys, s_index = per_slice(segments)
     voi_split, voi_merge = variation_of_information(t_index + 1, s_index + 1)
     pair_keys, overlaps = np.unique(t_index.astype(np.int64) * len(s_keys[0]) + s_index, return_counts=True)
     pair_t, pair_s = np.divmod(pair_keys, len(s_keys[0]))
