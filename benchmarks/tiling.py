@@ -2,8 +2,9 @@
 takes about the same time as a TIFF and as a Zarr volume.
 
 1. Quality: slices 15-19 of ISBI 2012 predicted by a trained model cut into 256 px tiles (several tiles per
-   slice, so the seams matter) with ``--overlap`` 0 (the default: tiles meet at their cores, each with 16 px
-   of context) and 16 and 32 px of blending, beside the whole-slice tile; Fiji's V_rand / V_info of each.
+   slice, so the seams matter) with ``--overlap`` 0 (tiles meet at their cores, each with 16 px of context,
+   the chunked outputs' default) and 16 (the default) and 32 px of blending, beside the whole-slice tile;
+   Fiji's V_rand / V_info of each.
 2. Containers: a wide stack (ISBI slices mirrored side by side, 4 x 1024 x 2048 px, several auto tiles a
    slice) predicted from a TIFF in memory and from a Zarr volume blockwise (one worker) with and without
    blending: the time of each, and the largest difference from the TIFF of the same tiling.
@@ -41,8 +42,8 @@ def quality(model: str) -> None:
     print("slices 15-19, Fiji's scores (means over slices)")
     for name, tiling in {
         "whole-slice tile (default)": Tiling(),
-        "256 px tiles, --overlap 0 (default)": Tiling(tile=256),
-        "256 px tiles, --overlap 16": Tiling(tile=256, overlap=16),
+        "256 px tiles, --overlap 0": Tiling(tile=256, overlap=0),
+        "256 px tiles, --overlap 16 (default)": Tiling(tile=256),
         "256 px tiles, --overlap 32": Tiling(tile=256, overlap=32),
     }.items():
         scores = evaluate_stack(np.stack(list(predict_stack(predictor, images, tiling))), target)
