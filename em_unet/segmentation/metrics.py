@@ -343,7 +343,7 @@ def evaluate_stack(
 MIN_OVERLAP_PX = 50  # an overlap smaller than this is a border's misplacement, not a false merge or split
 
 
-def _errors(sizes_from: np.ndarray, pairs: np.ndarray, overlaps: np.ndarray, sizes: np.ndarray, min_overlap_px: int):
+def _errors(pairs: np.ndarray, overlaps: np.ndarray, sizes: np.ndarray, min_overlap_px: int):
     """For each segment of one side (``sizes``), how many segments of the other side it overlaps by at
     least ``min_overlap_px`` and how many of its pixels lie outside its largest overlap."""
     counted = overlaps >= min_overlap_px
@@ -386,19 +386,19 @@ def segment_errors(
     t_sizes, s_sizes = np.bincount(t_index), np.bincount(s_index)
     is_boundary = s_keys[1] == 0  # proposal label 0 neither merges nor splits
     keep = ~is_boundary[pair_s]
-    merged, merge_px = _errors(s_sizes, pair_s[keep], overlaps[keep], s_sizes, min_overlap_px)
-    split, split_px = _errors(t_sizes, pair_t[keep], overlaps[keep], t_sizes, min_overlap_px)
+    merged, merge_px = _errors(pair_s[keep], overlaps[keep], s_sizes, min_overlap_px)
+    split, split_px = _errors(pair_t[keep], overlaps[keep], t_sizes, min_overlap_px)
     merges = np.flatnonzero((merged >= 2) & ~is_boundary)
     splits = np.flatnonzero(split >= 2)
 
-    def table(which, index, sizes, parts, outside, kind):
+    def table(which, index, parts, outside, keys):
         rows = []
         for i in which[np.argsort(-outside[which], kind="stable")][:largest]:
             inside = index == i
             rows.append(
                 {
-                    "slice": int((t_keys if kind == "truth" else s_keys)[0][i]),
-                    "label": int((t_keys if kind == "truth" else s_keys)[1][i]),
+                    "slice": int(keys[0][i]),
+                    "label": int(keys[1][i]),
                     "segments": int(parts[i]),
                     "pixels": int(outside[i]),
                     "y": round(float(y[inside].mean()), 1),
@@ -414,8 +414,8 @@ def segment_errors(
         "segments": int((~is_boundary).sum()),
         "false_merges": int(len(merges)),
         "false_splits": int(len(splits)),
-        "largest_false_merges": table(merges, s_index, s_sizes, merged, merge_px, "proposal"),
-        "largest_false_splits": table(splits, t_index, t_sizes, split, split_px, "truth"),
+        "largest_false_merges": table(merges, s_index, merged, merge_px, s_keys),
+        "largest_false_splits": table(splits, t_index, split, split_px, t_keys),
     }
 
 
