@@ -48,17 +48,15 @@ def sidecar_path(path: str | Path) -> Path:
     return Path(path).with_suffix(".json")
 
 
-def check_output(address: str | Path, overwrite: bool = False, sidecar: bool = False) -> str:
-    """Refuse, before any work, an output that cannot be written; create nothing. Returns its kind.
+def check_output(address: str | Path, overwrite: bool = False, sidecar: bool = False) -> None:
+    """Refuse, before any work, an output that cannot be written; create nothing.
 
     A TIFF (and its sidecar) must be writable and new unless ``overwrite``; a chunked volume is
     checked by :func:`volume_output` (its record decides whether an existing one is resumed)."""
-    kind = output_kind(address)
-    if kind == "tiff":
+    if output_kind(address) == "tiff":
         check_writable(address, overwrite)
         if sidecar:
             check_writable(sidecar_path(address), overwrite)
-    return kind
 
 
 # ---------------------------------------------------------------- TIFF stacks
@@ -69,14 +67,12 @@ class TiffStackWriter:
 
     def __init__(self, tiff: tifffile.TiffWriter, path: Path, dtype: np.dtype | None, software: str | None):
         self._tiff, self.path, self.dtype, self._software = tiff, path, dtype, software
-        self.slices = 0
 
     def write(self, values: np.ndarray) -> None:
         """Append one ``(y, x)`` slice (or a ``(z, y, x)`` run of slices) in ``dtype``."""
         values = np.asarray(values, self.dtype) if self.dtype is not None else np.asarray(values)
         for section in values.reshape(-1, *values.shape[-2:]):
             self._tiff.write(section, contiguous=True, software=self._software)
-            self.slices += 1
 
 
 # ---------------------------------------------------------------- chunked volumes and their resume markers
@@ -121,7 +117,7 @@ class ResumeMarkers:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
-def _same(record: dict, earlier: dict) -> list[str]:
+def _changed(record: dict, earlier: dict) -> list[str]:
     """The keys whose values differ between a new ``record`` and an ``earlier`` one read from JSON."""
     as_json = json.loads(json.dumps(record))
     return [key for key in sorted(set(as_json) | set(earlier)) if as_json.get(key) != earlier.get(key)]
@@ -135,7 +131,7 @@ def check_volume_output(address: str, record: dict, overwrite: bool = False) -> 
         return markers
     earlier = markers.recorded()
     if earlier is not None:
-        changed = _same(record, earlier)
+        changed = _changed(record, earlier)
         if changed:
             raise EmUnetError(
                 f"{address} holds the unfinished output of a run with other settings ({', '.join(changed)}): "

@@ -304,11 +304,12 @@ def evaluate_stack(
     true_cell = membrane_target < 0.5
     rows, counts_by_threshold = [], []
     cell_probability = fiji_cell_probability(membrane_probability)
+    thresholds = tuple(thresholds)
     for threshold in thresholds:
         cell = cell_probability > threshold
         counts = [slice_counts(proposal, truth) for proposal, truth in zip(fiji_thinned_labels(cell), truths)]
         counts_by_threshold.append(counts)
-        row = {"threshold": round(float(threshold), 6), "threshold_value": threshold, **stack_scores(counts)}
+        row = {"threshold": round(float(threshold), 6), **stack_scores(counts)}
         tp = int((cell & true_cell).sum())
         fp = int((cell & ~true_cell).sum())
         fn = int((~cell & true_cell).sum())
@@ -316,7 +317,7 @@ def evaluate_stack(
         rows.append(row)
     best = {key: max(range(len(rows)), key=lambda i: rows[i][key]) for key in ("v_rand", "v_info", "pixel_f1")}
     rand_row, info_row = rows[best["v_rand"]], rows[best["v_info"]]
-    thinned = fiji_thinned_labels(cell_probability > rand_row["threshold_value"])
+    thinned = fiji_thinned_labels(cell_probability > thresholds[best["v_rand"]])
     rand_slices = [scores_of_slice(c) for c in counts_by_threshold[best["v_rand"]]]
     info_slices = [scores_of_slice(c) for c in counts_by_threshold[best["v_info"]]]
     return {
@@ -336,7 +337,7 @@ def evaluate_stack(
         "pixel_error_threshold": rows[best["pixel_f1"]]["threshold"],
         "slices": int(membrane_probability.shape[0]),
         "per_slice": [{"v_rand": r["v_rand"], "v_info": i["v_info"]} for r, i in zip(rand_slices, info_slices)],
-        "per_threshold": [{k: v for k, v in row.items() if k != "threshold_value"} for row in rows],
+        "per_threshold": rows,
     }
 
 
