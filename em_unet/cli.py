@@ -7,9 +7,7 @@ import argparse
 import dataclasses
 import json
 import os
-import re
 import sys
-import tempfile
 
 # Before TensorFlow is imported anywhere: keep its C++ start-up chatter (oneDNN notices, absl lines)
 # off stderr. Level 2 still lets TensorFlow's own errors through.
@@ -19,6 +17,8 @@ from em_unet import __version__  # noqa: E402
 from em_unet.config import (  # noqa: E402
     TUNE_EXCLUDED,
     EvaluateOptions,
+    ExportOptions,
+    PackageOptions,
     PlotOptions,
     PredictConfig,
     PreviewOptions,
@@ -27,14 +27,17 @@ from em_unet.config import (  # noqa: E402
     StudyOptions,
     TrainConfig,
     VolumeOptions,
+    check_folder_name,
 )
 from em_unet.errors import EmUnetError  # noqa: E402
 from em_unet.inference.blockwise import CHUNKED_TILING, predict_volume  # noqa: E402
-from em_unet.inference.predict import predict_file  # noqa: E402
+from em_unet.inference.package import check_package_output  # noqa: E402
+from em_unet.inference.predict import model_margin, predict_file  # noqa: E402
 from em_unet.inference.tiling import Tiling  # noqa: E402
 from em_unet.io.files import atomic_output, check_writable  # noqa: E402
 from em_unet.io.volumes import is_volume_address, parse_address  # noqa: E402
 from em_unet.io.writers import output_kind  # noqa: E402
+from em_unet.machine import import_tensorflow_quietly  # noqa: E402
 from em_unet.segmentation.blockwise import segment_volume  # noqa: E402
 from em_unet.segmentation.metrics import MIN_OVERLAP_PX, evaluate_files  # noqa: E402
 from em_unet.segmentation.watershed import SegmentParams, check_segment_outputs, segment_file  # noqa: E402
@@ -53,47 +56,8 @@ PREVIEW_FIELDS = (
     "elastic_backend",
     "rotation_degrees",
 )
+EXPORT_FIELDS = ("models_dir", "model_name", "export_precision")
 STUDY_FIELDS = ("data", "labels", "label_convention", "epochs", "precision", "logs_dir")
-
-
-# TensorFlow's start-up lines that TF_CPP_MIN_LOG_LEVEL no longer reaches (absl's INFO lines, e.g. the
-# oneDNN notice, and absl's preface to them); anything else TensorFlow prints while importing is kept.
-STARTUP_CHATTER = re.compile(
-    r"^(WARNING: All log messages before absl::InitializeLog\(\) is called"
-    r"|I\d{4} [\d:.]+ +\d+ \S+:\d+\] )"
-)
-
-
-LOG_LINE = re.compile(r"^([IWEF]\d{4} |WARNING|ERROR|Traceback|\S+Warning)")
-
-
-def import_tensorflow_quietly() -> None:
-    """Import TensorFlow with its start-up chatter kept off stderr (it writes to file descriptor 2
-    directly, so ``sys.stderr`` cannot catch it); whatever else it prints is passed on."""
-    if "tensorflow" in sys.modules:
-        return
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as capture:
-        os.dup2(capture.fileno(), 2)
-        try:
-            import tensorflow  # noqa: F401
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            capture.seek(0)
-            text = capture.read().decode(errors="replace")
-    kept, dropping = [], False
-    for line in text.splitlines():
-        if STARTUP_CHATTER.match(line):
-            dropping = True  # and the lines that continue it, up to the next log line
-        elif dropping and not LOG_LINE.match(line):
-            continue
-        else:
-            dropping = False
-            kept.append(line)
-    if kept:
-        print("\n".join(kept), file=sys.stderr)
 
 
 class Parser(argparse.ArgumentParser):
@@ -138,10 +102,14 @@ def cmd_train(args) -> int:
     from em_unet.training.train import train  # lazy: training loads TensorFlow
 
     config = from_args(TrainConfig, args)
+    if config.package:
+        check_package_output(config.package)  # before training, like every output
     result = train(config, verbose=_verbosity())
     if result["run_dir"] is None:
         print("worker done: the chief writes the logs, the best model and the export")
         return 0
+    if result["resumed_from"] is not None:
+        print(f"resumed {result['run_dir']} after epoch {result['resumed_from']} of {config.epochs}")
     scores = result["scores"]
     print(
         f"validation: V_rand {scores['v_rand']:.4f}, V_info {scores['v_info']:.4f}, "
@@ -150,6 +118,7 @@ def cmd_train(args) -> int:
     print(f"run folder (config, history, TensorBoard logs): {result['run_dir']}")
     print(f"best model: {result['best_model']}")
     print(f"SavedModel for TF Serving: {result['export_dir']}")
+    _package_export(config, result["export_dir"], result["run_dir"])
     print(f"watch it: tensorboard --logdir {config.logs_dir}")
     return 0
 
@@ -159,6 +128,8 @@ def cmd_tune(args) -> int:
 
     base = from_args(TrainConfig, args)
     search = search_settings(given=given(args, SearchConfig))
+    if base.package:
+        check_package_output(base.package)  # before the search, like every output
     result = tune(base, search, verbose=_verbosity())
     if result.get("recycled"):
         from em_unet.training.distribute import RECYCLE_STATUS  # lazy: training loads TensorFlow
@@ -180,7 +151,51 @@ def cmd_tune(args) -> int:
     print(f"best hyperparameters: {result['best_hyperparameters']}")
     print(f"results table: {result['run_dir'] / 'results.csv'}")
     print(f"SavedModel for TF Serving: {result['export_dir']}")
+    _package_export(base, result["export_dir"], None)
     print(f"watch it: tensorboard --logdir {base.logs_dir}")
+    return 0
+
+
+def _package_export(config: TrainConfig, export_dir, run_dir) -> None:
+    """``--package``: the bioimage.io package of a run's or search's export (documented from ``run_dir``)."""
+    if config.package and export_dir:
+        from em_unet.inference.package import describe_report, package_model  # lazy: loads bioimage.io
+
+        print(describe_report(package_model(export_dir, config.package, run_dir=run_dir, data=config.data)))
+
+
+def cmd_export(args) -> int:
+    from em_unet.inference.export import export_keras_file  # lazy: exporting loads TensorFlow
+
+    options = from_args(ExportOptions, args)
+    outputs = {name: getattr(TrainConfig, name) for name in EXPORT_FIELDS}
+    for name, value in given(args, TrainConfig).items():
+        outputs[name] = check_value(TrainConfig.field(name), value, TrainConfig)
+    check_folder_name("model_name", outputs["model_name"])
+    path = export_keras_file(options.model, outputs["model_name"], outputs["models_dir"], outputs["export_precision"])
+    print(f"SavedModel for TF Serving: {path}")
+    return 0
+
+
+def cmd_package(args) -> int:
+    from em_unet.inference.package import describe_report, package_model  # lazy: loads TensorFlow and bioimageio
+
+    options = from_args(PackageOptions, args)
+    report = package_model(
+        options.model,
+        options.output or options.output_dir,
+        folder=options.output_dir is not None,
+        run_dir=options.run,
+        data=options.data,
+        authors=(options.author or "").split(";"),
+        license=options.license,
+        cite=options.cite,
+        name=options.name,
+        github_user=options.github_user,
+        onnx=options.onnx,
+        overwrite=options.overwrite,
+    )
+    print(describe_report(report))
     return 0
 
 
@@ -212,13 +227,20 @@ def cmd_predict(args) -> int:
     volume = from_args(VolumeOptions, args)
     params = _segment_params(args)  # checked before the long prediction starts, like every option
     tiling = Tiling.of(options)
-    if _chunked_output(options.stack, options.output, volume, "predicted block by block"):
+    chunked = _chunked_output(options.stack, options.output, volume, "predicted block by block")
+    if chunked and options.binary:
+        raise EmUnetError("--binary is for TIFF outputs: a chunked output holds the membrane probability")
+    if chunked and options.segment:
+        raise EmUnetError("--segment with a chunked output: run em-unet segment on the output afterwards")
+    if not chunked and options.block:
+        raise EmUnetError(f"--block is for chunked outputs; {options.output} is written in one piece")
+    if not chunked and options.segment:  # checked before the long prediction starts
+        check_segment_outputs(options.segment, options.overwrite)
+    if "margin" not in given(args, PredictConfig):  # a bioimage.io package states its own margin: its halo
+        tiling = dataclasses.replace(tiling, margin=model_margin(options.model, tiling.margin))
+    if chunked:
         if "overlap" not in given(args, PredictConfig):
             tiling = dataclasses.replace(tiling, overlap=CHUNKED_TILING.overlap)  # see --overlap's help
-        if options.binary:
-            raise EmUnetError("--binary is for TIFF outputs: a chunked output holds the membrane probability")
-        if options.segment:
-            raise EmUnetError("--segment with a chunked output: run em-unet segment on the output afterwards")
         address = predict_volume(
             options.model,
             options.stack,
@@ -234,10 +256,6 @@ def cmd_predict(args) -> int:
         )
         print(f"wrote {address}")
         return 0
-    if options.block:
-        raise EmUnetError(f"--block is for chunked outputs; {options.output} is written in one piece")
-    if options.segment:  # checked before the long prediction starts
-        check_segment_outputs(options.segment, options.overwrite)
     path = predict_file(
         options.model,
         _address(options.stack, volume.key),
@@ -421,6 +439,24 @@ def build_parser() -> argparse.ArgumentParser:
         (SearchConfig, {}),
     )
     command(
+        "export",
+        cmd_export,
+        "export a Keras model (e.g. a run's best.keras) as a SavedModel for TF Serving",
+        "Export a .keras model as the next version of MODELS_DIR/NAME/, in TF Serving's layout, as train does at "
+        "its end: for a run whose export failed, or a best.keras kept from an interrupted run.",
+        (ExportOptions, {}),
+        (TrainConfig, {"include": EXPORT_FIELDS}),
+    )
+    command(
+        "package",
+        cmd_package,
+        "write a bioimage.io model package (zip) that Fiji (deepImageJ), ilastik and napari run",
+        "Package an exported model (a SavedModel version folder, its parent, or a .keras file) for the bioimage.io "
+        "Model Zoo: the SavedModel, Keras and ONNX weights (each checked against the SavedModel), test tensors from "
+        "a validation crop, a cover and a README.md written from the run's config.json and scores.json.",
+        (PackageOptions, {}),
+    )
+    command(
         "predict",
         cmd_predict,
         "membrane probabilities of a stack (any slice size) as a float32 TIFF, or of a chunked volume",
@@ -507,14 +543,17 @@ def main(argv: list[str] | None = None) -> int:
         if args.uses_tensorflow:
             import_tensorflow_quietly()
         return args.func(args)
-    except KeyboardInterrupt:
-        print("em-unet: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as err:
+        print("; ".join(["em-unet: interrupted", *getattr(err, "__notes__", [])]), file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader of our output left (e.g. `em-unet evaluate ... | head`): no more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's own flush at exit would fail
+        return 141
     except Exception as err:
         if getattr(args, "debug", False):
             raise
         message, status = describe_error(err)
-        print(f"em-unet: error: {message}", file=sys.stderr)
+        print("; ".join([f"em-unet: error: {message}", *getattr(err, "__notes__", [])]), file=sys.stderr)
         return status
 
 

@@ -221,6 +221,16 @@ class TrainConfig(Settings):
     run_name: str | None = setting(
         None, "name of the run folder under --logs-dir", group="outputs", default_text="train-<time>"
     )
+    resume: str | None = setting(
+        None,
+        "continue an interrupted run from the backup in its folder: RUN is that folder (or its name in "
+        "--logs-dir); --resume alone (or 'last') takes the newest unfinished run in --logs-dir (the one "
+        "--run-name names, if given); the other settings must be the run's own",
+        group="outputs",
+        metavar="RUN",
+        default_text="a new run",
+        bare="last",
+    )
     logs_dir: str = setting(
         "logs", "where run folders (config, history, TensorBoard logs) go", group="outputs", metavar="DIR"
     )
@@ -234,6 +244,14 @@ class TrainConfig(Settings):
         group="outputs",
         choices=EXPORT_PRECISIONS,
     )
+    package: str | None = setting(
+        None,
+        "also package the export at the end as a bioimage.io model (as em-unet package does, documented from "
+        "this run), for Fiji (deepImageJ), ilastik and napari",
+        group="outputs",
+        metavar="NAME.zip",
+        default_text="none",
+    )
 
     def check(self) -> None:
         if self.val_slices is not None and self.val_fraction is not None:
@@ -246,12 +264,7 @@ class TrainConfig(Settings):
                 f"--depth {self.depth} (nearest: {lower} or {upper})"
             )
         for name in ("run_name", "model_name"):
-            value = getattr(self, name)
-            if value is not None and (value in (".", "..") or "/" in value or "\\" in value):
-                raise ConfigError(
-                    f"{describe(self.field(name))} = {value!r}: must be a folder name, "
-                    "not a path (use --logs-dir / --models-dir for the place)"
-                )
+            check_folder_name(name, getattr(self, name))
 
     def augment_config(self):
         """The :class:`~em_unet.training.augment.AugmentConfig` this run trains with, or None when ``augment``
@@ -269,16 +282,27 @@ class TrainConfig(Settings):
         )
 
 
+def check_folder_name(name: str, value: str | None) -> None:
+    """One-line error unless the TrainConfig field ``name`` (a run or model name) is a folder name, not a path."""
+    if value is not None and (value in (".", "..") or "/" in value or "\\" in value):
+        raise ConfigError(
+            f"{describe(TrainConfig.field(name))} = {value!r}: must be a folder name, "
+            "not a path (use --logs-dir / --models-dir for the place)"
+        )
+
+
 # Settings that name what is read and where things go, not how a model trains: a study cannot vary them.
 NAMING_FIELDS = (
     "data",
     "labels",
     "label_convention",
     "run_name",
+    "resume",
     "logs_dir",
     "models_dir",
     "model_name",
     "export_precision",
+    "package",
 )
 # What a search space may search: architecture and optimizer (chosen in HyperModel.build) and
 # training-time settings (chosen in HyperModel.fit).
@@ -368,8 +392,8 @@ class SearchConfig(Settings):
             )
 
 
-# Flags of `train` that `tune` does not offer: a search names its folder with --project.
-TUNE_EXCLUDED = ("run_name",)
+# Flags of `train` that `tune` does not offer: a search names its folder with --project, and resumes by itself.
+TUNE_EXCLUDED = ("run_name", "resume")
 
 
 # ---------------------------------------------------------------- prediction and segmentation
@@ -381,7 +405,9 @@ class PredictConfig(Settings):
     defaults."""
 
     model: str = setting(
-        help="SavedModel folder (a version, or its parent: newest version) or .keras file", positional=True
+        help="SavedModel folder (a version, or its parent: newest version), .keras file, or bioimage.io package "
+        "(.zip, e.g. from em-unet package)",
+        positional=True,
     )
     stack: str = setting(help="EM stack to segment", positional=True)
     output: str = setting(help="TIFF to write", flag="-o", metavar="OUT.tif")
@@ -497,6 +523,11 @@ class PreviewOptions(Settings):
 
 
 @dataclass
+class ExportOptions(Settings):
+    model: str = setting(help="a Keras model file, e.g. a run's logs/<run>/best.keras", positional=True)
+
+
+@dataclass
 class EvaluateOptions(Settings):
     prediction: str = setting(
         help="membrane-probability TIFF stack (from em-unet predict), or a label image (from "
@@ -515,6 +546,48 @@ class EvaluateOptions(Settings):
     )
     output: str | None = setting(None, "JSON file to write the scores to", flag="-o", metavar="OUT.json")
     overwrite: bool = setting(False, "replace an existing output file")
+
+
+@dataclass
+class PackageOptions(Settings):
+    model: str = setting(
+        help="SavedModel folder (a version, or its parent: newest version) or .keras file", positional=True
+    )
+    output: str | None = setting(None, "bioimage.io package to write (a zip)", flag="-o", metavar="NAME.zip")
+    output_dir: str | None = setting(None, "write the package unzipped into this folder instead", metavar="DIR")
+    run: str | None = setting(
+        None,
+        "the training run folder whose config.json and scores.json document the model",
+        metavar="LOGS_DIR/RUN",
+        default_text="the .keras file's folder",
+    )
+    data: str | None = setting(
+        None,
+        "stack whose last slice gives the test tensors and the cover",
+        metavar="STACK",
+        default_text="the run's data, its first validation slice",
+    )
+    name: str | None = setting(
+        None, "model name: 5-128 letters, digits, spaces, _+-()", default_text="EM membrane U-Net (em-unet depth D)"
+    )
+    author: str | None = setting(
+        None, "authors' names, separated by ';'", metavar="NAME[;NAME]", default_text="your login name"
+    )
+    github_user: str | None = setting(
+        None,
+        "the first author's GitHub account, the maintainer the Model Zoo asks for (checked online)",
+        metavar="USER",
+    )
+    license: str = setting("CC-BY-4.0", "SPDX license id of the package", metavar="ID")
+    cite: str | None = setting(
+        None, "a citation besides the U-Net paper's: TEXT|DOI or TEXT|URL", metavar="TEXT|DOI", default_text="none"
+    )
+    onnx: bool = setting(True, "leave out the ONNX weights (converted with tf2onnx, checked with onnxruntime)")
+    overwrite: bool = setting(False, "replace an existing output")
+
+    def check(self) -> None:
+        if (self.output is None) == (self.output_dir is None):
+            raise ConfigError("give -o NAME.zip or --output-dir DIR (one of them)")
 
 
 @dataclass

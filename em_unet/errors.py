@@ -1,4 +1,6 @@
-"""Errors that em-unet reports to users as one line, without a traceback."""
+"""Errors that em-unet reports to users as one line, without a traceback, and its one-line warnings."""
+
+import sys
 
 
 class EmUnetError(Exception):
@@ -19,3 +21,8 @@ class ModelInputError(EmUnetError, ValueError):
 
 class DependencyError(EmUnetError, ImportError):
     """An installed dependency that cannot be imported; the message says what to run."""
+
+
+def warn(message: str) -> None:
+    """Tell the user, on stderr as one line, of something that went on but may not be what they want."""
+    print(f"em-unet: warning: {message}", file=sys.stderr)

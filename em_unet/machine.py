@@ -5,6 +5,9 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+import re
+import sys
+import tempfile
 from functools import lru_cache
 from pathlib import Path
 
@@ -94,3 +97,43 @@ def precision_policy(precision: str):
         yield resolved
     finally:
         keras.mixed_precision.set_global_policy(previous)
+
+
+# TensorFlow's start-up lines that TF_CPP_MIN_LOG_LEVEL no longer reaches (absl's INFO lines, e.g. the
+# oneDNN notice, and absl's preface to them); anything else TensorFlow prints while importing is kept.
+STARTUP_CHATTER = re.compile(
+    r"^(WARNING: All log messages before absl::InitializeLog\(\) is called"
+    r"|I\d{4} [\d:.]+ +\d+ \S+:\d+\] )"
+)
+
+
+LOG_LINE = re.compile(r"^([IWEF]\d{4} |WARNING|ERROR|Traceback|\S+Warning)")
+
+
+def import_tensorflow_quietly() -> None:
+    """Import TensorFlow with its start-up chatter kept off stderr (it writes to file descriptor 2
+    directly, so ``sys.stderr`` cannot catch it); whatever else it prints is passed on."""
+    if "tensorflow" in sys.modules:
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            import tensorflow  # noqa: F401  # lazy: the point of this function
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            text = capture.read().decode(errors="replace")
+    kept, dropping = [], False
+    for line in text.splitlines():
+        if STARTUP_CHATTER.match(line):
+            dropping = True  # and the lines that continue it, up to the next log line
+        elif dropping and not LOG_LINE.match(line):
+            continue
+        else:
+            dropping = False
+            kept.append(line)
+    if kept:
+        print("\n".join(kept), file=sys.stderr)

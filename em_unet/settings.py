@@ -121,6 +121,7 @@ def setting(
     positional: bool = False,
     cli: bool = True,
     toml: bool = True,
+    bare: str | None = None,
 ):
     """A dataclass field with everything the CLI, the checks and the docs need.
 
@@ -129,6 +130,7 @@ def setting(
     value (e.g. ``"15-19"`` into ``(15, 19)``).
     ``default_text`` is what ``--help`` says for the default instead of the value (e.g. for None).
     ``cli=False``: no flag; ``toml=False``: not settable from a TOML file.
+    ``bare``: the value of the flag given without one (``--resume`` alone is ``--resume last``).
     """
     metadata = {
         "help": help,
@@ -145,6 +147,7 @@ def setting(
         "positional": positional,
         "cli": cli,
         "toml": toml,
+        "bare": bare,
     }
     return field(default=default, metadata=metadata)
 
@@ -382,6 +385,8 @@ def add_arguments(
         else:
             kwargs["dest"] = f.name
             kwargs["default"] = argparse.SUPPRESS
+            if meta.get("bare") is not None:
+                kwargs.update(nargs="?", const=meta["bare"])
             if f.default is dataclasses.MISSING:
                 kwargs["required"] = True
             names = [flag_of(f)]

@@ -21,7 +21,7 @@ from em_unet.config import (
     TrainConfig,
 )
 from em_unet.errors import ConfigError
-from em_unet.settings import flags_markdown, selected
+from em_unet.settings import flags_markdown, from_args, selected
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -91,11 +91,11 @@ def test_bad_prediction_settings_are_refused(values, message):
     assert message in str(err.value)
 
 
-def test_tune_offers_every_training_flag_but_run_name():
+def test_tune_offers_every_training_flag_but_run_name_and_resume():
     parser = cli.build_parser()
     tune = parser._subparsers._group_actions[0].choices["tune"]
     dests = {action.dest for action in tune._actions}
-    assert {f.name for f in selected(TrainConfig)} - dests == {"run_name"}
+    assert {f.name for f in selected(TrainConfig)} - dests == {"run_name", "resume"}  # a search resumes itself
     assert {"algorithm", "max_trials", "project", "overwrite", "worker_timeout"} <= dests
 
 
@@ -216,3 +216,15 @@ def test_tensorflow_start_up_lines_stay_off_stderr(tmp_path):
     assert result.returncode == 2
     assert result.stderr == f"em-unet: error: {tmp_path / 'none.tif'}: no such file or folder\n", result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_resume_alone_resumes_the_newest_run_and_takes_a_folder():
+    parser = cli.build_parser()
+    for argv, resume in (
+        (["--resume"], "last"),
+        (["--resume", "--epochs", "5"], "last"),
+        (["--resume", "logs/train-1"], "logs/train-1"),
+        ([], None),
+    ):
+        args = parser.parse_args(["train", "--data", "d", "--labels", "l", *argv])
+        assert from_args(TrainConfig, args).resume == resume

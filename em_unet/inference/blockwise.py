@@ -33,7 +33,7 @@ from em_unet.inference.tiling import Tiling
 from em_unet.io.stacks import scale_to_unit, volume_intensity_range
 from em_unet.io.volumes import open_volume, parse_address
 from em_unet.io.writers import ResumeMarkers, check_volume_output, open_output
-from em_unet.machine import cpu_cores, gpu_count
+from em_unet.machine import cpu_cores, gpu_count, import_tensorflow_quietly
 
 DEFAULT_BLOCK_PX = 512  # block side (pixels) for given tiles when the input's chunks are smaller than 64 px
 # The default tiling of chunked outputs (library and command line): no overlap, so that each block is one tile.
@@ -65,6 +65,7 @@ def worker_predictor(model: str, threads: int = 0):
 
     On a machine with GPUs, worker ``i`` of a LocalCluster uses GPU ``i`` (modulo their number)."""
     if model not in _PREDICTORS:
+        import_tensorflow_quietly()  # a worker's stderr is the user's terminal
         import tensorflow as tf  # lazy: only prediction workers load TensorFlow
 
         with contextlib.suppress(RuntimeError, ValueError):  # TensorFlow already initialised in this process
@@ -166,6 +167,7 @@ def predict_volume(
     source = open_volume(input_address, key=key)
     shape = block_shape(source, tiling, block)
     record = {
+        "command": "em-unet predict",
         "model": model,
         "input": str(input_address),
         "key": key,
@@ -180,9 +182,18 @@ def predict_volume(
     blocks = plan_blocks(source.shape, shape)
     client_writes = parse_address(output_address).kind == "hdf5"
     opened = open_output(
-        output_address, shape=source.shape, dtype=np.float32, chunks=shape, record=record, overwrite=overwrite
+        output_address,
+        shape=source.shape,
+        dtype=np.float32,
+        chunks=shape,
+        record=record,
+        overwrite=overwrite,
+        pieces=(len(blocks), "blocks"),
     )
-    with opened as (output, markers), dask_client(scheduler, workers or gpu_count() or cpu_cores()) as client:
+    with (
+        opened as (output, markers),
+        dask_client(scheduler, workers or gpu_count() or cpu_cores(), log_file=markers.log_path) as client,
+    ):
         low, high = volume_intensity_range(source, client)
         job = PredictJob(model, tiling, tta, isbi, low, high, cluster_threads_per_worker(client))
         done = markers.done()

@@ -27,8 +27,9 @@ import keras
 import tensorflow as tf
 
 from em_unet.errors import EmUnetError
+from em_unet.inference.predict import load_keras_model, resolve_model_path
 from em_unet.inference.serving import INPUT_NAME, OUTPUT_NAME, SIGNATURE, next_version
-from em_unet.io.files import check_writable, new_folder
+from em_unet.io.files import check_free_space, check_writable, new_folder
 from em_unet.machine import precision_policy
 
 RENAME_ATTEMPTS = 100
@@ -183,3 +184,33 @@ def export_saved_model(
                 shutil.rmtree(tmp, ignore_errors=True)  # before new_folder checks whether its folders are empty
     except (OSError, tf.errors.OpError) as err:
         raise EmUnetError(f"cannot write the export in {model_dir}: {_cause(err)}") from None
+
+
+def export_keras_file(
+    model_path: str | Path,
+    model_name: str = "em_unet",
+    base_dir: str | Path = "saved_models",
+    precision: str = "float32",
+) -> Path:
+    """``em-unet export``: load a ``.keras`` U-Net and export it (:func:`export_saved_model`), checking the
+    models folder's free space first (a float32 export from the parameter count, see :func:`export_bytes`)."""
+    path = resolve_model_path(model_path)
+    if path.suffix != ".keras":
+        raise EmUnetError(f"{path}: export takes a .keras file; this is already a SavedModel")
+    model = load_keras_model(path)
+    check_export_space(base_dir, model_name, model.count_params())
+    return export_saved_model(model, model_name, base_dir, precision)
+
+
+EXPORT_MARGIN_BYTES = 16 << 20  # the graph, the metadata and some headroom
+
+
+def export_bytes(parameters: int) -> int:
+    """Free space, bytes, an export of a U-Net of ``parameters`` parameters needs: float32 weights in both the
+    SavedModel and its model.keras, and a margin for the graph and the metadata."""
+    return 2 * 4 * parameters + EXPORT_MARGIN_BYTES
+
+
+def check_export_space(models_dir: str | Path, model_name: str, parameters: int) -> None:
+    """Refuse, before long work, a models folder without the space for the export (:func:`export_bytes`)."""
+    check_free_space(Path(models_dir) / model_name, export_bytes(parameters), "the export")

@@ -14,6 +14,7 @@ import zipfile
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
@@ -22,20 +23,27 @@ from em_unet.config import PredictConfig
 from em_unet.errors import EmUnetError
 from em_unet.inference.serving import INPUT_NAME, OUTPUT_NAME, SIGNATURE, versions
 from em_unet.inference.tiling import TileGrid, Tiling
-from em_unet.io.stacks import iter_image_slices
-from em_unet.io.writers import check_output, open_output
+from em_unet.io.stacks import iter_image_slices, stack_shape
+from em_unet.io.writers import check_output, check_output_space, open_output
 
 OUTPUT_KINDS = ("probability", "binary")
 
 
 def resolve_model_path(path: str | Path) -> Path:
-    """A ``.keras`` file, a SavedModel folder, or a folder of numbered versions (the newest is taken)."""
+    """A ``.keras`` file, a SavedModel folder, a folder of numbered versions (the newest is taken), or a
+    bioimage.io package (a ``.zip``, or a folder with an ``rdf.yaml``)."""
+    from em_unet.inference.package import is_package  # lazy: the package module imports this one
+
     path = Path(path)
     if not path.exists():
         raise EmUnetError(f"{path}: no such model file or folder")
+    if is_package(path):
+        return path
     if path.is_file():
         if path.suffix != ".keras":
-            raise EmUnetError(f"{path}: not a model (expected a .keras file or a SavedModel folder)")
+            raise EmUnetError(
+                f"{path}: not a model (expected a .keras file, a SavedModel folder or a bioimage.io package .zip)"
+            )
         return path
     if (path / "saved_model.pb").exists():
         return path
@@ -75,7 +83,7 @@ def keras_predictor(model) -> Callable[[np.ndarray], np.ndarray]:
     """Tiles -> probabilities through a Keras model, traced once per tile shape."""
     import tensorflow as tf  # lazy: TensorFlow only where a model runs
 
-    serve = tf.function(lambda x: model(x, training=False))
+    serve = tf.function(lambda x: model(x, training=False), autograph=False)  # a plain call: nothing to convert
     return lambda tiles: serve(tf.constant(tiles)).numpy()
 
 
@@ -85,7 +93,7 @@ def _first_line(err: BaseException, limit: int = 200) -> str:
     return (lines[0] if lines else type(err).__name__)[:limit]
 
 
-def _load_keras(path: Path):
+def load_keras_model(path: Path) -> Any:
     """A Keras 3 model from a ``.keras`` file, or a one-line error saying why the file is not one."""
     import keras  # lazy: TensorFlow only where a model runs
 
@@ -115,7 +123,7 @@ def _load_keras(path: Path):
         raise EmUnetError(f"{path}: cannot load the Keras model ({type(err).__name__}: {_first_line(err)})") from None
 
 
-def _load_saved_model(path: Path):
+def load_saved_model(path: Path):
     """em-unet's serving signature of a SavedModel folder, or a one-line error saying why there is none."""
     import tensorflow as tf  # lazy: TensorFlow only where a model runs
 
@@ -156,9 +164,13 @@ def _load_saved_model(path: Path):
 def _load(path: Path):
     """A predictor from a resolved model path (see :func:`resolve_model_path`); one-line errors for
     files that are not loadable models."""
+    from em_unet.inference import package  # lazy: the package module imports this one
+
+    if package.is_package(path):
+        return package.package_predictor(path)
     if path.suffix == ".keras":
-        return keras_predictor(_load_keras(path))
-    return _load_saved_model(path)
+        return keras_predictor(load_keras_model(path))
+    return load_saved_model(path)
 
 
 def _dihedral(tiles: np.ndarray, k: int, inverse: bool = False) -> np.ndarray:
@@ -293,6 +305,25 @@ def predict_stack(
     )
 
 
+def model_slices(model_path: str | Path, stack_path: str | Path) -> Iterator[np.ndarray]:
+    """The slices of a stack as the model takes them: float32 in [0, 1] by em-unet's intensity rule, or through
+    a bioimage.io package's own preprocessing."""
+    from em_unet.inference import package  # lazy: the package module imports this one
+
+    model_path = resolve_model_path(model_path)
+    if package.is_package(model_path):
+        return package.package_slices(model_path, stack_path)
+    return iter_image_slices(stack_path)
+
+
+def model_margin(model_path: str | Path, margin: int) -> int:
+    """The tile margin (px) to predict with: a bioimage.io package's halo, else ``margin``."""
+    from em_unet.inference import package  # lazy: the package module imports this one
+
+    model_path = resolve_model_path(model_path)
+    return package.read_package(model_path).halo if package.is_package(model_path) else margin
+
+
 def predict_file(
     model_path: str | Path,
     stack_path: str | Path,
@@ -311,8 +342,9 @@ def predict_file(
     uint8 0/255 thresholded at 0.5 (255 = membrane, or cell interior with ``isbi``).
     """
     check_output(output_path, overwrite)  # before the model loads: fail fast
+    check_output_space(output_path, stack_shape(stack_path), np.uint8 if binary else np.float32)
     predictor = load_predictor(model_path)
-    images = iter_image_slices(stack_path)  # a bad stack fails inside open_output, which then leaves nothing
+    images = model_slices(model_path, stack_path)  # a bad stack fails inside open_output, which then leaves nothing
     with open_output(output_path, dtype=np.uint8 if binary else np.float32, overwrite=overwrite) as writer:
         for probability in predict_stack(predictor, images, tiling, tta, progress):
             value = 1.0 - probability if isbi else probability

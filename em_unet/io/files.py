@@ -8,12 +8,16 @@ when their block fails, what they created.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import socket
+import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from em_unet.errors import EmUnetError
+from em_unet.errors import EmUnetError, warn
 
 SYSTEM_FOLDERS = (Path("/proc"), Path("/sys"))  # kernel interfaces: writing there is never an output
 
@@ -136,7 +140,7 @@ def atomic_output(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
         raise EmUnetError(f"{named}: {err.strerror or err}") from None
 
 
-def _size(n_bytes: float) -> str:
+def human_size(n_bytes: float) -> str:
     """``n_bytes`` as a short human-readable size (powers of 1024, up to TiB)."""
     if n_bytes < 1024:
         return f"{n_bytes:.0f} bytes"
@@ -146,20 +150,94 @@ def _size(n_bytes: float) -> str:
             return f"{n_bytes:.1f} {unit}"
 
 
+def free_space(path: str | Path) -> tuple[Path, int]:
+    """The folder whose file system would hold ``path`` (its nearest existing ancestor), and its free bytes."""
+    folder = _nearest_existing(Path(path))
+    if not folder.is_dir():
+        folder = folder.parent
+    stats = os.statvfs(folder)
+    return folder, stats.f_bavail * stats.f_frsize
+
+
 def check_free_space(path: str | Path, needed_bytes: int, what: str) -> int:
     """Raise a one-line :class:`EmUnetError` unless ``needed_bytes`` (bytes) are free where ``path`` would go.
 
     ``path`` need not exist: its nearest existing ancestor's file system is asked. ``what`` names the
     data in the message (e.g. ``"the run's checkpoints"``). Returns the free bytes.
     """
-    folder = _nearest_existing(Path(path))
-    if not folder.is_dir():
-        folder = folder.parent
-    stats = os.statvfs(folder)
-    free = stats.f_bavail * stats.f_frsize
+    folder, free = free_space(path)
     if free < needed_bytes:
         raise EmUnetError(
-            f"{folder}: {_size(free)} free but {_size(needed_bytes)} needed for {what}: "
+            f"{folder}: {human_size(free)} free but {human_size(needed_bytes)} needed for {what}: "
             "free some space or choose another folder"
         )
     return free
+
+
+LOCK_SUFFIX = ".lock"
+
+
+def lock_path(path: str | Path) -> Path:
+    """The lock file that guards the output or run folder ``path``: ``path.lock`` beside it."""
+    path = Path(path)
+    return path.with_name(path.name + LOCK_SUFFIX)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def _lock_owner(lock: Path) -> dict | None:
+    """What a lock file says of its owner (pid, host, command), or None if it is gone or unreadable."""
+    try:
+        return json.loads(lock.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+@contextlib.contextmanager
+def exclusive(path: str | Path, what: str) -> Iterator[Path]:
+    """Hold the lock of ``path`` (an output or a run folder, ``what`` names it in messages) for the block.
+
+    The lock is a file ``path.lock`` made with ``O_EXCL`` that records this process's PID, host and command
+    line, and is removed when the block ends. Another process that holds it is named in a one-line
+    :class:`EmUnetError`. A stale lock, whose process on this host is gone, is taken over with a notice on
+    stderr; a lock from another host is never judged stale (its process cannot be asked)."""
+    lock = lock_path(path)
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv), "since": time.time()}
+    with new_folder(lock.parent):
+        for _ in range(3):
+            try:
+                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                owner = _lock_owner(lock)
+                if owner is None:  # being written this instant, or emptied: look again
+                    time.sleep(0.1)
+                    owner = _lock_owner(lock) or {}
+                pid, host = owner.get("pid"), owner.get("host")
+                if host == me["host"] and isinstance(pid, int) and not _process_alive(pid):
+                    warn(f"{lock}: process {pid} that held {what} is gone; taking its lock over")
+                    lock.unlink(missing_ok=True)
+                    continue
+                raise EmUnetError(
+                    f"{path}: {what} is in use by process {pid} on {host} ({owner.get('command', '?')}): wait for "
+                    f"it to end, or delete {lock} if that process is gone"
+                ) from None
+            except OSError as err:
+                raise EmUnetError(f"{lock}: cannot create the lock of {what} ({err.strerror})") from None
+            with os.fdopen(fd, "w") as handle:
+                json.dump(me, handle)
+            break
+        else:
+            raise EmUnetError(f"{lock}: cannot take the lock of {what}; another process keeps taking it")
+        try:
+            yield lock
+        finally:
+            if (_lock_owner(lock) or {}).get("pid") == me["pid"]:
+                lock.unlink(missing_ok=True)

@@ -233,6 +233,45 @@ def _iter_volume(address: str | Path) -> Iterator[np.ndarray]:
             yield from volume[first : first + depth]
 
 
+def _tiff_slices(path: Path) -> tuple[int, tuple[int, int]]:
+    """How many slices a TIFF holds and their (y, x) size, from its headers (no pixel is decoded)."""
+    try:
+        with tifffile.TiffFile(path) as tif:
+            parts = _tiff_parts(path, tif)
+    except tifffile.TiffFileError as err:
+        raise DataError(f"{path}: not a readable TIFF file ({err})") from None
+    if not parts:
+        raise DataError(f"{path}: the TIFF holds no slices (empty stack)")
+    count = sum(p.shape[0] if isinstance(p, TiffPageSeries) and len(p.shape) == 3 else 1 for p in parts)
+    return count, tuple(parts[0].shape[-2:])
+
+
+def stack_shape(path: str | Path) -> tuple[int, int, int]:
+    """The ``(z, y, x)`` voxels of a stack (see :func:`iter_slices`) from its headers: TIFF and volume
+    pixels are not read, a PNG is."""
+    if is_volume_address(path):
+        with open_volume(path) as volume:
+            return volume.shape
+    path = Path(path)
+    files = _slice_files(path)
+    if all(file.suffix.lower() != ".png" for file in files):
+        counted = [_tiff_slices(file) for file in files]
+        return sum(count for count, _ in counted), *counted[0][1]
+    return sum(1 for _ in iter_slices(path)), *next(iter_slices(path)).shape
+
+
+def _slice_files(path: Path) -> list[Path]:
+    """The files of a stack: ``path`` itself, or a folder's TIFF/PNG slices in numeric order."""
+    if not path.exists():
+        raise DataError(f"{path}: no such file or folder")
+    if path.is_dir():
+        files = sorted((p for p in path.iterdir() if p.suffix.lower() in SLICE_SUFFIXES), key=_natural_key)
+        if not files:
+            raise DataError(f"{path}: the folder holds no .tif/.tiff/.png slices (empty stack)")
+        return files
+    return [path]
+
+
 def iter_slices(path: str | Path) -> Iterator[np.ndarray]:
     """Yield the 2-D slices of a stack in their stored dtype, one at a time.
 
@@ -248,15 +287,7 @@ def iter_slices(path: str | Path) -> Iterator[np.ndarray]:
     if is_volume_address(path):
         yield from _iter_volume(path)
         return
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: no such file or folder")
-    if path.is_dir():
-        files = sorted((p for p in path.iterdir() if p.suffix.lower() in SLICE_SUFFIXES), key=_natural_key)
-        if not files:
-            raise DataError(f"{path}: the folder holds no .tif/.tiff/.png slices (empty stack)")
-    else:
-        files = [path]
+    files = _slice_files(Path(path))
     first = None
     for file in files:
         for array in _iter_tiff(file) if file.suffix.lower() != ".png" else [_read_png(file)]:

@@ -36,6 +36,8 @@ HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf")
 ZARR_FORMATS = (2, 3)
 REAL_KINDS = "biuf"  # numpy dtype kinds of booleans, integers and floats
 SHOWN_NAMES = 10  # keys listed in an error message before "..."
+UNFINISHED_ATTR = "em_unet_unfinished"  # attribute of an output array whose run has not finished, see Volume
+UNFINISHED_NAME = "UNFINISHED "  # prefix of an unfinished OME-Zarr image's name, which napari shows as the layer
 
 # The leftmost store in an address: a path component ending in .zarr, or an HDF5 file name followed by
 # ":KEY" or by nothing.
@@ -244,6 +246,24 @@ class Volume:
         except OSError as err:  # disk full, permissions
             raise DataError(f"{self.address}: cannot write {_region_text(region)} ({_reason(err)})") from None
 
+    @property
+    def unfinished(self) -> str | None:
+        """The note of the run that is writing this volume and has not finished, else None."""
+        note = self._stored().attrs.get(UNFINISHED_ATTR)
+        return str(note) if note else None
+
+    def mark_unfinished(self, note: str | None) -> None:
+        """Mark the volume as unfinished with ``note`` (an attribute in its metadata: ``.zattrs`` or
+        ``zarr.json``, HDF5 attributes), or clear the mark (None). An OME-Zarr image's name (the layer's
+        name in napari) also starts with :data:`UNFINISHED_NAME` while it is unfinished."""
+        attrs = self._stored().attrs
+        if note:
+            attrs[UNFINISHED_ATTR] = note
+        elif UNFINISHED_ATTR in attrs:
+            del attrs[UNFINISHED_ATTR]
+        if self._location.kind != "hdf5":
+            _name_image(self._location, self._stored(), unfinished=bool(note))
+
     def close(self) -> None:
         """Close the HDF5 file (Zarr keeps nothing open); reading or writing afterwards is an error."""
         if self._file is not None:
@@ -359,8 +379,14 @@ def _open(location: VolumeAddress, level: int, mode: str, shown: str) -> Volume:
     if location.kind == "hdf5":
         if level:
             raise DataError(f"{shown}: HDF5 datasets have no resolution levels; drop level {level}")
-        return _open_hdf5(location, mode, shown)
-    return _open_zarr(location, level, mode, shown)
+        volume = _open_hdf5(location, mode, shown)
+    else:
+        volume = _open_zarr(location, level, mode, shown)
+    if mode == "r" and volume.unfinished:  # only the run that writes it (mode "r+") may open it
+        note = volume.unfinished
+        volume.close()
+        raise DataError(f"{volume.address} is unfinished, not a result: {note}")
+    return volume
 
 
 # ---------------------------------------------------------------- HDF5
@@ -828,6 +854,27 @@ def _image_group(root: Any, path: Path, key: str | None, overwrite: bool) -> Any
     if inside:
         raise DataError(f"{named}: a group holding other arrays ({_listed(inside)}), not an image: choose another key")
     return node
+
+
+def _name_image(location: VolumeAddress, array: Any, unfinished: bool) -> None:
+    """Prefix (or unprefix) the name in the multiscales metadata of the OME-Zarr image holding ``array``."""
+    zarr = _zarr()
+    parent = array.path.rpartition("/")[0]
+    try:
+        group = zarr.open_group(store=str(location.path), path=parent, mode="r+")
+    except Exception:  # not inside a group: a plain Zarr array has no image name
+        return
+    attrs = group.attrs.asdict()
+    ome = attrs.get("ome") if isinstance(attrs.get("ome"), dict) else None
+    multiscales = (ome or attrs).get("multiscales")
+    if not (isinstance(multiscales, list) and multiscales and isinstance(multiscales[0], dict)):
+        return
+    name = str(multiscales[0].get("name") or group.basename or "image").removeprefix(UNFINISHED_NAME)
+    multiscales[0]["name"] = UNFINISHED_NAME + name if unfinished else name
+    if ome is not None:
+        group.attrs["ome"] = {**ome, "multiscales": multiscales}
+    else:
+        group.attrs["multiscales"] = multiscales
 
 
 def _write_multiscales(group: Any, zarr_format: int) -> None:

@@ -29,8 +29,8 @@ from typing import Any
 import numpy as np
 import tifffile
 
-from em_unet.errors import EmUnetError
-from em_unet.io.files import atomic_output, check_writable
+from em_unet.errors import EmUnetError, warn
+from em_unet.io.files import atomic_output, check_free_space, check_writable, exclusive, free_space, human_size
 from em_unet.io.volumes import Volume, create_volume, is_volume_address, open_volume, parse_address
 
 MARKERS = ".em-unet"  # suffix of the folder of an unfinished chunked output's record and done markers
@@ -57,6 +57,20 @@ def check_output(address: str | Path, overwrite: bool = False, sidecar: bool = F
         check_writable(address, overwrite)
         if sidecar:
             check_writable(sidecar_path(address), overwrite)
+
+
+def check_output_space(address: str | Path, shape: tuple[int, ...], dtype: Any) -> None:
+    """Before long work: refuse a TIFF output (uncompressed) whose folder has less free space than its size;
+    for a chunked output, compressed so that its size on disk is uncertain, warn when the folder has less
+    than its uncompressed size."""
+    needed = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    what = f"{address} ({' x '.join(str(n) for n in shape)} voxels of {np.dtype(dtype)})"
+    if output_kind(address) == "tiff":
+        check_free_space(address, needed + (64 << 10), what)  # + the TIFF's headers and the sidecar
+        return
+    folder, free = free_space(parse_address(address).path)
+    if free < needed:
+        warn(f"{folder}: {human_size(free)} free, and {what} takes {human_size(needed)} uncompressed: it may not fit")
 
 
 # ---------------------------------------------------------------- TIFF stacks
@@ -88,6 +102,7 @@ class ResumeMarkers:
         suffix = MARKERS + (f"-{address.key.strip('/').replace('/', '-')}" if address.key else "")
         self.folder = address.path.with_name(address.path.name + suffix)
         self.record_path = self.folder / "run.json"
+        self.log_path = self.folder / "workers.log"  # the Dask workers' log lines (em_unet.cluster.dask_client)
 
     def recorded(self) -> dict | None:
         """The settings an unfinished run recorded, or None."""
@@ -110,7 +125,7 @@ class ResumeMarkers:
         return {
             p.name: p.read_text()
             for p in self.folder.iterdir()
-            if p.is_file() and p.name[0] != "." and p != self.record_path
+            if p.is_file() and p.name[0] != "." and p not in (self.record_path, self.log_path)
         }
 
     def remove(self) -> None:
@@ -152,32 +167,53 @@ def volume_output(
     chunks: tuple[int, int, int],
     record: dict,
     overwrite: bool = False,
+    pieces: tuple[int, str] = (0, "pieces"),
 ) -> Iterator[tuple[Volume, ResumeMarkers]]:
     """A chunked output and its :class:`ResumeMarkers`: new, or the one an unfinished run of the same
-    ``record`` left (resumed). When the block ends without error the markers go (the output is complete);
-    when it fails before any piece is marked done, the output and markers this call created go too."""
-    markers = check_volume_output(address, record, overwrite)
+    ``record`` left (resumed), held under the output's lock (:func:`~em_unet.io.files.exclusive`).
+
+    While the block runs, the array is marked unfinished in its metadata (:meth:`Volume.mark_unfinished`),
+    so no em-unet command reads it as a result. When the block ends without error the mark and the markers
+    go (the output is complete). When it fails before any piece is marked done, the output and markers this
+    call created go too; after that, the error gets a note (``__notes__``) saying how many of ``pieces``
+    (count, unit) are done, that the same command resumes, and where the workers' log is."""
     path = parse_address(address).path
-    existed = path.exists()
-    try:
-        if markers.recorded() is not None and not overwrite:
-            volume = open_volume(address, mode="r+")
-            if tuple(volume.shape) != tuple(shape):
-                raise EmUnetError(f"{address}: shape {volume.shape} differs from the input's {shape}")
-        else:
-            markers.remove()
-            volume = create_volume(address, shape, dtype, chunks, overwrite=overwrite)
-            markers.start(record)
-        yield volume, markers
-    except BaseException:
-        if not existed and not markers.done():
-            markers.remove()
-            if path.is_dir():
-                shutil.rmtree(path, ignore_errors=True)
+    with exclusive(path, "this output"):
+        markers = check_volume_output(address, record, overwrite)
+        check_output_space(address, shape, dtype)
+        existed = path.exists()
+        try:
+            if markers.recorded() is not None and not overwrite:
+                volume = open_volume(address, mode="r+")
+                if tuple(volume.shape) != tuple(shape):
+                    raise EmUnetError(f"{address}: shape {volume.shape} differs from the input's {shape}")
             else:
-                path.unlink(missing_ok=True)
-        raise
-    markers.remove()
+                markers.remove()
+                volume = create_volume(address, shape, dtype, chunks, overwrite=overwrite)
+                markers.start(record)
+            volume.mark_unfinished(
+                f"written by {record.get('command', 'em-unet')}, which has not finished; rerun that command to "
+                f"finish it (its settings are in {markers.record_path})"
+            )
+            yield volume, markers
+        except BaseException as err:
+            done = markers.done()
+            if not existed and not done:
+                markers.remove()
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+            elif done:
+                count, unit = pieces
+                note = f"{address} is unfinished: {len(done)} of {count or '?'} {unit} done; "
+                note += "rerun the same command to resume"
+                if markers.log_path.is_file() and markers.log_path.stat().st_size:
+                    note += f" (the workers' log: {markers.log_path})"
+                err.__notes__ = [*getattr(err, "__notes__", []), note]
+            raise
+        volume.mark_unfinished(None)
+        markers.remove()
 
 
 # ---------------------------------------------------------------- the one entry point
@@ -194,24 +230,27 @@ def open_output(
     sidecar: dict | None = None,
     software: str | None = None,
     overwrite: bool = False,
+    pieces: tuple[int, str] = (0, "pieces"),
 ) -> Iterator[TiffStackWriter | tuple[Volume, ResumeMarkers]]:
     """Open an output at ``address`` for writing; it is complete when the block ends without error.
 
     TIFF: yields a :class:`TiffStackWriter` (slices in order, converted to ``dtype``; ``sidecar`` written
     as ``OUT.json`` beside it; ``software`` in the TIFF's Software tag). Chunked volume: yields the
-    volume and its :class:`ResumeMarkers` (``shape``, ``dtype``, ``chunks`` and ``record`` required,
-    see :func:`volume_output`).
+    volume and its :class:`ResumeMarkers` (``shape``, ``dtype``, ``chunks`` and ``record`` required;
+    ``pieces``: how many pieces the run marks done, and their unit; see :func:`volume_output`).
+    Either way the output is locked against other processes while the block runs.
     """
     if output_kind(address) == "volume":
         if shape is None or dtype is None or chunks is None or record is None:
             raise ValueError("a chunked output needs shape, dtype, chunks and record")
-        with volume_output(str(address), shape, dtype, chunks, record, overwrite) as opened:
+        with volume_output(str(address), shape, dtype, chunks, record, overwrite, pieces) as opened:
             yield opened
         return
     path = Path(address)
     dtype = np.dtype(dtype) if dtype is not None else None
     imagej = dtype is None or dtype in IMAGEJ_DTYPES
     with contextlib.ExitStack() as stack:
+        stack.enter_context(exclusive(path, "this output"))
         json_tmp = stack.enter_context(atomic_output(sidecar_path(path), overwrite)) if sidecar is not None else None
         tiff_tmp = stack.enter_context(atomic_output(path, overwrite))
         with tifffile.TiffWriter(tiff_tmp, imagej=imagej) as tiff:

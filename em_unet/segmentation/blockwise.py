@@ -20,14 +20,14 @@ from em_unet.io.writers import ResumeMarkers, open_output
 from em_unet.machine import cpu_cores
 from em_unet.segmentation.labels import label_offsets
 from em_unet.segmentation.metrics import as_probability
-from em_unet.segmentation.watershed import SegmentParams, segment_slice
+from em_unet.segmentation.watershed import SegmentParams, segment_slice, warn_single_segments
 
 SLICE_CHUNK_PX = 512  # y and x chunk side of label outputs (one slice deep)
 
 
 def _segment_slice_task(source, z: int, scratch, markers: ResumeMarkers, params: SegmentParams) -> int:
     """Pass 1 on a worker: segment slice ``z`` into local labels 1..k (kept in ``scratch``); returns k."""
-    probability = as_probability(source[z : z + 1], f"{source.address} slice {z}")[0]
+    probability = as_probability(source[z : z + 1], source.address, first_slice=z)[0]
     local = segment_slice(probability, params)
     scratch[z : z + 1] = local[None].astype(np.uint32)
     count = int(local.max())
@@ -59,9 +59,20 @@ def segment_volume(
         raise DataError(f"{source.address}: a probability map must be 8-bit, 16-bit or float, found {source.dtype}")
     _, height, width = source.shape
     chunks = (1, min(height, SLICE_CHUNK_PX), min(width, SLICE_CHUNK_PX))
-    record = {"probability": str(probability_address), "key": key, "segment": params.to_dict()}
+    record = {
+        "command": "em-unet segment",
+        "probability": str(probability_address),
+        "key": key,
+        "segment": params.to_dict(),
+    }
     opened = open_output(
-        output_address, shape=source.shape, dtype=np.uint32, chunks=chunks, record=record, overwrite=overwrite
+        output_address,
+        shape=source.shape,
+        dtype=np.uint32,
+        chunks=chunks,
+        record=record,
+        overwrite=overwrite,
+        pieces=(2 * source.shape[0], "slice steps (2 per slice)"),
     )
     with opened as (output, markers):
         scratch_address = str(markers.folder / "local.zarr")
@@ -80,7 +91,7 @@ def _segment_on_cluster(source, output, scratch, markers: ResumeMarkers, params,
     counts = {z: int(done[f"local-{z}"]) for z in range(n) if f"local-{z}" in done}
     relabelled = {z for z in range(n) if f"labels-{z}" in done}
     with (
-        dask_client(scheduler, workers) as client,
+        dask_client(scheduler, workers, log_file=markers.log_path) as client,
         tqdm(
             total=2 * n, initial=len(counts) + len(relabelled), unit="slice", desc="segmenting", disable=not progress
         ) as bar,
@@ -91,6 +102,7 @@ def _segment_on_cluster(source, output, scratch, markers: ResumeMarkers, params,
             if z not in counts
         }
         gather_in_any_order(client, futures, counts.__setitem__, bar)
+        warn_single_segments([counts[z] for z in range(n)], source.address)
         offsets = label_offsets([counts[z] for z in range(n)], str(output.address))
         futures = {
             client.submit(_offset_slice_task, scratch, output, z, int(offsets[z]), markers, pure=False): z

@@ -441,9 +441,10 @@ def evaluate_segments(segments: np.ndarray, membrane_target: np.ndarray) -> dict
     }
 
 
-def check_probability(values: np.ndarray, source: str) -> None:
-    """One-line error unless every value is a finite probability in [0, 1]."""
-    check_finite(values, source, "a membrane probability map must hold values in [0, 1]")
+def check_probability(values: np.ndarray, source: str, first_slice: int = 0) -> None:
+    """One-line error unless every value is a finite probability in [0, 1] (``first_slice``: the index of
+    ``values``' first slice in its stack, for the message)."""
+    check_finite(values, source, "a membrane probability map must hold values in [0, 1]", first_slice)
     low, high = float(values.min()), float(values.max())
     if low < 0.0 or high > 1.0:
         raise DataError(
@@ -462,7 +463,7 @@ def check_segments(labels: np.ndarray, source: str) -> None:
         raise DataError(f"{source}: negative label {labels.min()} (labels are 0 = boundary, 1, 2, ... = segments)")
 
 
-def as_probability(stack: np.ndarray, source: str, dtype: type = np.float32) -> np.ndarray:
+def as_probability(stack: np.ndarray, source: str, dtype: type = np.float32, first_slice: int = 0) -> np.ndarray:
     """A membrane-probability stack in [0, 1]: 8/16-bit maps scaled by 255/65535, float maps taken as
     they are and refused unless finite and in [0, 1].
 
@@ -479,7 +480,7 @@ def as_probability(stack: np.ndarray, source: str, dtype: type = np.float32) -> 
             "(a label image? score it with --segments)"
         )
     stack = stack.astype(dtype)
-    check_probability(stack, source)
+    check_probability(stack, source, first_slice)
     return stack
 
 

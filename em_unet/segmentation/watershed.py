@@ -4,7 +4,10 @@ region-adjacency graph by mean boundary probability.
 Per 2-D slice:
 
 1. Seeds: the 4-connected regions where the membrane probability, smoothed by a Gaussian of
-   ``sigma_px`` pixels, is below ``seed_threshold`` (cell interiors).
+   ``sigma_px`` pixels, is below ``min + seed_threshold x (max - min)`` of the smoothed slice (cell
+   interiors). The level follows each slice's own range, so a map whose cell interiors sit at 0.1-0.3
+   (a weakly trained model, or another scaling) still seeds every cell; on a map that spans 0-1 it is
+   ``seed_threshold`` itself. A slice left with one segment is named in a warning.
 2. Watershed: the seeds flood the unsmoothed membrane probability (4-connected, no watershed
    lines), so every pixel belongs to a region and region borders follow the membrane ridges.
 3. Agglomeration: scikit-image's region-adjacency graph with, on each edge, the mean membrane
@@ -31,9 +34,9 @@ from skimage.segmentation import relabel_sequential, watershed
 from tqdm import tqdm
 
 from em_unet import __version__
-from em_unet.errors import EmUnetError
+from em_unet.errors import EmUnetError, warn
 from em_unet.io.stacks import read_stack
-from em_unet.io.writers import check_output, open_output
+from em_unet.io.writers import check_output, check_output_space, open_output
 from em_unet.segmentation.labels import label_dtype, label_offsets
 from em_unet.segmentation.metrics import SEGMENTS_SOFTWARE, as_probability, check_probability
 from em_unet.settings import Settings, setting
@@ -54,7 +57,7 @@ class SegmentParams(Settings):
     )
     seed_threshold: float = setting(
         0.05,
-        "seeds are regions whose smoothed membrane probability is below P",
+        "seeds are regions whose smoothed membrane probability is below min + P x (max - min) of its slice",
         group="segmentation",
         minimum=0.0,
         maximum=1.0,
@@ -83,13 +86,20 @@ def _merge_nothing(graph, src, dst):
     pass
 
 
+def seed_regions(smooth_probability: np.ndarray, seed_threshold: float) -> np.ndarray:
+    """Labelled seeds (4-connected, 0 = none) of one smoothed slice: where it is below
+    ``min + seed_threshold x (max - min)`` of the slice."""
+    low, high = float(smooth_probability.min()), float(smooth_probability.max())
+    return label(smooth_probability < low + seed_threshold * (high - low), connectivity=1)
+
+
 def segment_slice(membrane_probability: np.ndarray, params: SegmentParams = SegmentParams()) -> np.ndarray:
     """int32 labels 1..k of the neuron sections in one 2-D membrane-probability slice (values in [0, 1])."""
     probability = np.asarray(membrane_probability, np.float32)
     if probability.ndim != 2:
         raise EmUnetError(f"segment_slice takes one 2-D slice, got shape {probability.shape}")
     smooth = gaussian_filter(probability, params.sigma_px) if params.sigma_px > 0 else probability
-    seeds = label(smooth < params.seed_threshold, connectivity=1)
+    seeds = seed_regions(smooth, params.seed_threshold)
     if seeds.max() == 0:
         return np.ones(probability.shape, np.int32)
     regions = watershed(probability, markers=seeds, connectivity=1)
@@ -108,21 +118,38 @@ def segment_slice(membrane_probability: np.ndarray, params: SegmentParams = Segm
 
 
 def segment_stack(
-    membrane_probability: np.ndarray, params: SegmentParams = SegmentParams(), progress: bool = False
+    membrane_probability: np.ndarray,
+    params: SegmentParams = SegmentParams(),
+    progress: bool = False,
+    source: str = "membrane probability",
 ) -> np.ndarray:
     """uint32 labels of a ``(z, y, x)`` membrane-probability stack, each slice segmented in 2-D and
-    labels unique across the stack (slice z's follow slice z-1's, :func:`~.labels.label_offsets`)."""
+    labels unique across the stack (slice z's follow slice z-1's, :func:`~.labels.label_offsets`);
+    ``source`` names the map in the warning of :func:`warn_single_segments`."""
     stack = np.asarray(membrane_probability, np.float32)
     if stack.ndim == 2:
         stack = stack[None]
     if stack.ndim != 3:
         raise EmUnetError(f"a membrane-probability stack is (z, y, x), got shape {stack.shape}")
-    check_probability(stack, "membrane probability")
+    check_probability(stack, source)
     sections = [
         segment_slice(section, params) for section in tqdm(stack, desc="segmenting", unit="slice", disable=not progress)
     ]
-    offsets = label_offsets([int(section.max()) for section in sections])
+    counts = [int(section.max()) for section in sections]
+    warn_single_segments(counts, source)
+    offsets = label_offsets(counts)
     return np.stack([section.astype(np.uint32) + np.uint32(offset) for section, offset in zip(sections, offsets)])
+
+
+def warn_single_segments(counts: list[int], source: str) -> None:
+    """Warn, naming the slices, when slices of a stack of more than a few pixels came out as one segment."""
+    single = [z for z, count in enumerate(counts) if count == 1]
+    if single:
+        shown = ", ".join(str(z) for z in single[:10]) + (", ..." if len(single) > 10 else "")
+        warn(
+            f"{source}: {len(single)} slice(s) came out as one segment (slice {shown}): the map has no cell "
+            "interior below the seed level there; raise --seed-threshold (or lower --sigma) to seed more cells"
+        )
 
 
 def write_segments(
@@ -165,5 +192,6 @@ def segment_file(
     write the labels and their parameters (:func:`write_segments`)."""
     output_path = check_segment_outputs(output_path, overwrite)
     probability = as_probability(read_stack(probability_path), str(probability_path))
-    labels = segment_stack(probability, params, progress=progress)
+    check_output_space(output_path, probability.shape, np.uint16)  # labels take at least 16 bits
+    labels = segment_stack(probability, params, progress=progress, source=str(probability_path))
     return write_segments(output_path, labels, params, str(probability_path), overwrite)

@@ -4,14 +4,17 @@ From a :class:`~em_unet.config.TrainConfig`: the data (read, split, checked), th
 augmenting wrapper, optimizer with its schedule, loss, metrics), the datasets, the steps per epoch,
 the callbacks every run gets (time limit, early stopping, stop on NaN), and the precision policy as a
 context manager that always restores the previous one. Each piece is a plain function, usable from a
-notebook; nothing here writes files except :class:`BestUnetCheckpoint`.
+notebook; nothing here writes files except the callbacks that record a run (:func:`record_callbacks`,
+:class:`TrainingBackup`).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +23,7 @@ import numpy as np
 import tensorflow as tf
 
 from em_unet.config import TrainConfig
-from em_unet.errors import DataError
+from em_unet.errors import DataError, EmUnetError
 from em_unet.io.stacks import label_convention_of, load_labelled_stack, volume_intensity_range
 from em_unet.io.volumes import is_volume_address, open_volume
 from em_unet.training.augment import AugmentConfig, augment_batch, resolve_placement
@@ -130,11 +133,14 @@ def steps_per_epoch(config: TrainConfig, data: PreparedData) -> int:
     )
 
 
-def make_datasets(config: TrainConfig, data: PreparedData, placement: str) -> tuple[tf.data.Dataset, tf.data.Dataset]:
-    """Training batches (augmented here when ``placement`` is ``"pipeline"``) and validation tiles."""
+def make_datasets(
+    config: TrainConfig, data: PreparedData, placement: str, start_batch: int = 0
+) -> tuple[tf.data.Dataset, tf.data.Dataset]:
+    """Training batches (augmented here when ``placement`` is ``"pipeline"``) from batch ``start_batch`` of the
+    stream on, and validation tiles."""
     augment = config.augment_config() if placement == "pipeline" else None
     train = training_dataset(
-        data.train_images, data.train_targets, config.patch_size, config.batch_size, config.seed, augment
+        data.train_images, data.train_targets, config.patch_size, config.batch_size, config.seed, augment, start_batch
     )
     val = validation_dataset(data.val_images, data.val_targets, config.patch_size, config.batch_size)
     return train, val
@@ -195,19 +201,29 @@ def fit(
     epochs: int | None = None,
     callbacks: list | None = None,
     verbose: int = 1,
+    resume_from: int = 0,
     **kwargs,
 ) -> keras.callbacks.History:
-    """Fit ``model`` (from :func:`build_model`) on ``data`` as ``config`` says."""
+    """Fit ``model`` (from :func:`build_model`) on ``data`` as ``config`` says.
+
+    ``resume_from``: the epochs an interrupted run has trained already (its state restored into ``model`` by
+    :func:`restore_training_state`); training continues with the next epoch, on the batches and with the
+    validations the uninterrupted run would have had."""
     if isinstance(model, StepAugmentedModel):
         model.augment = config.augment_config()
-    train_data, val_data = make_datasets(config, data, placement)
+    steps = steps_per_epoch(config, data)
+    train_data, val_data = make_datasets(config, data, placement, start_batch=resume_from * steps)
     epochs = epochs or config.epochs
-    validated = validation_epochs(kwargs.get("initial_epoch", 0) + 1, epochs, config.val_every)
+    if resume_from:
+        kwargs["initial_epoch"] = resume_from
+        validated = validation_epochs(1, epochs, config.val_every)
+    else:
+        validated = validation_epochs(kwargs.get("initial_epoch", 0) + 1, epochs, config.val_every)
     with multi_worker_fit(model, train_data):
         history = model.fit(
             shardable(train_data),
             epochs=epochs,
-            steps_per_epoch=steps_per_epoch(config, data),
+            steps_per_epoch=steps,
             validation_data=shardable(val_data),
             validation_freq=validated,
             shuffle=False,
@@ -246,13 +262,18 @@ def placement_for(config: TrainConfig) -> str:
 # ---------------------------------------------------------------- callbacks
 
 
-def run_callbacks(config: TrainConfig, deadline: float | None = None) -> list[keras.callbacks.Callback]:
+def run_callbacks(
+    config: TrainConfig, deadline: float | None = None, past_val_losses: Sequence[float | None] = ()
+) -> list[keras.callbacks.Callback]:
     """What every fit gets: stop on a NaN loss, early stopping, and the time limit (``deadline``: a
-    ``time.monotonic()`` instant; by default ``max_minutes`` from now)."""
+    ``time.monotonic()`` instant; by default ``max_minutes`` from now).
+
+    ``past_val_losses``: the ``val_loss`` of each epoch a resumed run has trained already (None where an epoch
+    was not validated), so early stopping counts on from where the interrupted run was."""
     callbacks: list[keras.callbacks.Callback] = [keras.callbacks.TerminateOnNaN()]
     if config.early_stopping:  # Keras counts patience in validations: epochs without val_loss are skipped
         patience = math.ceil(config.early_stopping / config.val_every)
-        callbacks.append(ValidatedEarlyStopping(monitor="val_loss", patience=patience))
+        callbacks.append(ValidatedEarlyStopping(monitor="val_loss", patience=patience, past=past_val_losses))
     if deadline is None and config.max_minutes:
         deadline = time.monotonic() + config.max_minutes * 60.0
     if deadline is not None:
@@ -260,18 +281,66 @@ def run_callbacks(config: TrainConfig, deadline: float | None = None) -> list[ke
     return callbacks
 
 
-def record_callbacks(run_dir: Path, unet: keras.Model) -> list[keras.callbacks.Callback]:
+def record_callbacks(
+    run_dir: Path, unet: keras.Model, best: float = np.inf, append: bool = False
+) -> list[keras.callbacks.Callback]:
     """What a run leaves in ``run_dir``: TensorBoard events, ``best.keras`` (the U-Net at its best
-    ``val_loss``) and ``history.csv``."""
+    ``val_loss``) and ``history.csv``. A resumed run passes the ``best`` val_loss so far and ``append``s to
+    its history.csv (cut at the epoch it resumes from) and TensorBoard curves."""
     return [
-        keras.callbacks.TensorBoard(log_dir=str(run_dir)),
-        BestUnetCheckpoint(unet, run_dir / "best.keras"),
-        keras.callbacks.CSVLogger(str(run_dir / "history.csv")),
+        FlushedTensorBoard(log_dir=str(run_dir)),
+        BestUnetCheckpoint(unet, run_dir / "best.keras", best=best),
+        HistoryCSV(str(run_dir / "history.csv"), append=append),
     ]
 
 
+class FlushedTensorBoard(keras.callbacks.TensorBoard):
+    """Keras' TensorBoard callback, with its event files flushed after every epoch: a killed run keeps each
+    finished epoch's curve points (TensorFlow's writers otherwise flush every two minutes)."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        super().on_epoch_end(epoch, logs)
+        for writer in getattr(self, "_writers", {}).values():
+            writer.flush()
+
+
+class HistoryCSV(keras.callbacks.CSVLogger):
+    """Keras' CSVLogger; appending to an existing history.csv, it keeps that file's columns (Keras takes them
+    from the first epoch's logs, which lack the validation columns when that epoch is not validated)."""
+
+    def on_train_begin(self, logs=None):
+        header = None
+        if self.append and os.path.exists(self.filename):
+            with open(self.filename, encoding="utf-8") as handle:
+                header = handle.readline().strip()
+        super().on_train_begin(logs)
+        if header:
+            self.keys = header.split(self.sep)[1:]  # the first column is the epoch
+
+
 class ValidatedEarlyStopping(keras.callbacks.EarlyStopping):
-    """Keras' early stopping, quiet on the epochs that are not validated (see ``--val-every``)."""
+    """Keras' early stopping, quiet on the epochs that are not validated (see ``--val-every``).
+
+    ``past``: the ``val_loss`` of epochs trained before this fit (None: not validated), replayed when the fit
+    begins so that a resumed run's best and patience count on as if it had not been interrupted."""
+
+    def __init__(self, *args, past: Sequence[float | None] = (), **kwargs):
+        super().__init__(*args, **kwargs)
+        self.past = list(past)
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        if self.past and self.monitor_op is None:
+            self._set_monitor_op()
+        for epoch, loss in enumerate(self.past):
+            if loss is None:
+                continue
+            # as EarlyStopping.on_epoch_end counts, without stopping: the run that stopped never resumes
+            self.wait += 1
+            if self._is_improvement(loss, self.best):
+                self.best, self.best_epoch = loss, epoch
+                if self.baseline is None or self._is_improvement(loss, self.baseline):
+                    self.wait = 0
 
     def on_epoch_end(self, epoch, logs=None):
         if self.monitor in (logs or {}):
@@ -307,9 +376,9 @@ class BestUnetCheckpoint(keras.callbacks.Callback):
     ``best.keras``: the previous best stays until the new one is complete.
     """
 
-    def __init__(self, unet: keras.Model, path: str | Path):
+    def __init__(self, unet: keras.Model, path: str | Path, best: float = np.inf):
         super().__init__()
-        self.unet, self.path, self.best = unet, Path(path), np.inf
+        self.unet, self.path, self.best = unet, Path(path), best
 
     def on_epoch_end(self, epoch, logs=None):
         loss = (logs or {}).get("val_loss", np.inf)
@@ -321,3 +390,116 @@ class BestUnetCheckpoint(keras.callbacks.Callback):
                 os.replace(partial, self.path)
             finally:
                 partial.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------- the backup a killed run resumes from
+
+BACKUP_STATE = "state.json"
+
+
+@dataclass
+class BackupState:
+    """What a run's backup folder holds: ``epoch`` epochs trained, ``elapsed_s`` seconds of training spent on
+    them (all attempts), ``stopped`` when training has ended (last epoch, early stopping, time limit, NaN loss),
+    and the weights file with the model's and the optimizer's state after that epoch."""
+
+    epoch: int
+    elapsed_s: float
+    stopped: bool
+    weights: Path
+
+
+class TrainingBackup(keras.callbacks.Callback):
+    """Backs up the running state into ``folder`` when training begins and after every epoch: the weights with
+    the optimizer's state (its step counter, which also seeds the in-step augmentation and drives the
+    learning-rate schedule), the epochs done, the training time so far and whether training has stopped.
+
+    Put it last among the callbacks, so that it sees the decisions of early stopping and the time limit and
+    the epoch's history row is written before it. Each backup is a new weights file, then ``state.json``
+    (renamed into place) naming it, then the older weights file is removed: a kill at any instant leaves a
+    complete backup. ``elapsed_s`` is the training time of earlier attempts, ``started`` the
+    ``time.monotonic()`` instant this attempt's training time counts from.
+    """
+
+    def __init__(self, folder: str | Path, epochs: int, elapsed_s: float = 0.0, started: float | None = None):
+        super().__init__()
+        self.folder, self.epochs, self.elapsed_s, self.started = Path(folder), epochs, elapsed_s, started
+
+    def on_train_begin(self, logs=None):
+        if self.started is None:
+            self.started = time.monotonic()
+        if not (self.folder / BACKUP_STATE).exists():  # a kill in the first epoch resumes from the start
+            self.save(0, stopped=False)
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.save(epoch + 1, stopped=bool(self.model.stop_training) or epoch + 1 >= self.epochs)
+
+    def save(self, epoch: int, stopped: bool) -> None:
+        """Write the backup after ``epoch`` epochs."""
+        name = f"epoch-{epoch:05d}.weights.h5"
+        partial = self.folder / f".partial-{name}"
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            try:
+                self.model.save_weights(partial)
+                _sync(partial)
+                os.replace(partial, self.folder / name)
+            finally:
+                partial.unlink(missing_ok=True)
+            state = {
+                "epoch": epoch,
+                "elapsed_seconds": self.elapsed_s + time.monotonic() - self.started,
+                "stopped": stopped,
+                "weights": name,
+                "saved": time.time(),
+            }
+            state_partial = self.folder / f".partial-{BACKUP_STATE}"
+            state_partial.write_text(json.dumps(state, indent=2))
+            _sync(state_partial)
+            os.replace(state_partial, self.folder / BACKUP_STATE)
+        except OSError as err:
+            raise EmUnetError(f"{self.folder}: cannot write the training backup ({err.strerror or err})") from None
+        for old in self.folder.glob("epoch-*.weights.h5"):
+            if old.name != name:
+                old.unlink(missing_ok=True)
+
+
+def _sync(path: Path) -> None:
+    """Flush ``path`` to the disk, so that a power cut after the rename that follows keeps its data."""
+    with open(path, "rb+") as handle:
+        os.fsync(handle.fileno())
+
+
+def read_backup(folder: str | Path) -> BackupState:
+    """The backup in ``folder`` (written by :class:`TrainingBackup`); a missing or unreadable one is a one-line
+    :class:`EmUnetError`."""
+    folder = Path(folder)
+    path = folder / BACKUP_STATE
+    if not path.is_file():
+        raise EmUnetError(
+            f"{folder}: no backup to resume from (the run stopped before training began, or was made by an "
+            "em-unet without --resume): start a new run"
+        )
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+        backup = BackupState(
+            int(state["epoch"]), float(state["elapsed_seconds"]), bool(state["stopped"]), folder / state["weights"]
+        )
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise EmUnetError(f"{path}: the backup is corrupt ({type(err).__name__}: {err}): start a new run") from None
+    if not backup.weights.is_file():
+        raise EmUnetError(f"{path}: the backup's weights {backup.weights.name} are missing: start a new run")
+    return backup
+
+
+def restore_training_state(model: keras.Model, backup: BackupState) -> None:
+    """Load the backup's weights and optimizer state (step counter included) into ``model``, a fresh model from
+    :func:`build_model` with the run's settings; call it inside the strategy's scope."""
+    if not model.built:  # a training wrapper is built on its first call: build it on an input of any size
+        model.build((None, None, None, 1))
+    model.optimizer.build(model.trainable_variables)  # its slots must exist to be loaded into
+    try:
+        model.load_weights(backup.weights)
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise EmUnetError(f"{backup.weights}: the backup does not load ({first}): start a new run") from None

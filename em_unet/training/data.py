@@ -130,8 +130,13 @@ def training_dataset(
     batch_size: int = 4,
     seed: int = 0,
     augment: AugmentConfig | None = None,
+    start_batch: int = 0,
 ) -> tf.data.Dataset:
     """Endless batches of random crops from random slices, optionally augmented.
+
+    Batch ``n`` of the stream is a function of ``(seed, n)`` alone (stateless random draws keyed by the crop's
+    and the batch's index), so a stream started at ``start_batch`` gives exactly the batches an uninterrupted
+    one gives from there: a resumed training run sees what it would have seen.
 
     Args:
         images: float32 ``(z, y, x)`` in [0, 1] (the training slices only).
@@ -142,6 +147,7 @@ def training_dataset(
         batch_size: crops per batch.
         seed: the same seed gives the same batches.
         augment: transform ranges, or None for no augmentation.
+        start_batch: index of the first batch (0: the start of the stream).
 
     Returns:
         A dataset of ``(images, targets)`` with shapes ``(batch, patch, patch, 1)``
@@ -171,10 +177,10 @@ def training_dataset(
         def crop(index):
             return read(*origin(index))
 
-    dataset = tf.data.Dataset.counter().map(crop, num_parallel_calls=tf.data.AUTOTUNE)
+    dataset = tf.data.Dataset.counter(start=start_batch * batch_size).map(crop, num_parallel_calls=tf.data.AUTOTUNE)
     dataset = dataset.batch(batch_size, drop_remainder=True)
     if augment is not None:
-        dataset = dataset.enumerate().map(
+        dataset = dataset.enumerate(start=start_batch).map(
             lambda index, batch: augment_batch(*batch, tf.stack([tf.constant(augment_seed, tf.int64), index]), augment),
             num_parallel_calls=tf.data.AUTOTUNE,
         )

@@ -146,3 +146,24 @@ def build_unet(
     # float32 output keeps the loss stable under a mixed-precision policy.
     membrane_probability = layers.Conv2D(1, 1, activation="sigmoid", dtype="float32", name="membrane_probability")(x)
     return keras.Model(image, membrane_probability, name=name or f"unet_d{depth}_f{base_filters}")
+
+
+def unet_parameter_count(depth: int, base_filters: int, batch_norm: bool = False) -> int:
+    """The parameters (trainable or not) of :func:`~em_unet.training.model.build_unet`'s U-Net, counted without
+    building it."""
+
+    def conv3(inputs: int, filters: int) -> int:
+        return 9 * inputs * filters + (4 * filters if batch_norm else filters)  # BN: 4 per filter, no bias
+
+    def block(inputs: int, filters: int) -> int:
+        return conv3(inputs, filters) + conv3(filters, filters)
+
+    count, channels = 0, 1
+    for level in range(1, depth + 2):  # the contracting levels, then the bottleneck
+        filters = base_filters * 2 ** (level - 1)
+        count, channels = count + block(channels, filters), filters
+    for level in range(depth, 0, -1):
+        filters = base_filters * 2 ** (level - 1)
+        count += 4 * channels * filters + filters + block(2 * filters, filters)  # 2x2 transposed conv, then a block
+        channels = filters
+    return count + channels + 1  # the 1x1 output convolution

@@ -49,7 +49,7 @@ from em_unet.config import (
     shipped_toml,
 )
 from em_unet.errors import ConfigError, EmUnetError
-from em_unet.inference.export import export_saved_model
+from em_unet.inference.export import check_export_space, export_saved_model
 from em_unet.io.files import atomic_output, check_writable
 from em_unet.machine import precision_policy
 from em_unet.settings import check_value, to_flags, value_type
@@ -77,6 +77,7 @@ from em_unet.training.distribute import (
     set_tuner_role,
     watch_chief,
 )
+from em_unet.training.model import unet_parameter_count
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -222,6 +223,17 @@ def check_space_fits(space: dict, base: TrainConfig, data) -> None:
     for values in itertools.product(*lists.values()):
         config = dataclasses.replace(base, **dict(zip(lists, values)))
         check_patch_size((0, *data.train_images.shape[1:3]), config.patch_size)
+
+
+def largest_parameters(space: dict, base: TrainConfig) -> int:
+    """The parameters of the largest U-Net the search can build: the export the models folder must have room for."""
+
+    def values(name: str) -> list:
+        spec = space.get(name)
+        return spec if isinstance(spec, list) else [spec["max"]] if isinstance(spec, dict) else [getattr(base, name)]
+
+    sizes = itertools.product(values("depth"), values("base_filters"), values("batch_norm"))
+    return max(unet_parameter_count(depth, filters, batch_norm) for depth, filters, batch_norm in sizes)
 
 
 # ---------------------------------------------------------------- the tuners
@@ -449,6 +461,7 @@ def _tune(base: TrainConfig, search: SearchConfig, verbose: int) -> dict:
     if role != "worker":
         check_writable(run_dir / "search.json", overwrite=True)
         check_writable(Path(base.models_dir) / base.model_name / ".next-version")
+        check_export_space(base.models_dir, base.model_name, largest_parameters(space, base))
     gpus = len(tf.config.list_physical_devices("GPU"))
     if search.workers and gpus:
         try:

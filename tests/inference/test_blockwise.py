@@ -1,6 +1,7 @@
 """Blockwise prediction and segmentation of chunked volumes on a real dask.distributed LocalCluster."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from em_unet.inference.blockwise import predict_volume
 from em_unet.inference.tiling import Tiling
 from em_unet.io.volumes import create_volume, open_volume
 from em_unet.io.writers import ResumeMarkers
+from tests.helpers import error_line, run_cli
 
 SETTINGS = {"tile": 64, "margin": 8, "overlap": 8, "tile_batch": 3}
 TILING = Tiling(**SETTINGS)
@@ -87,7 +89,7 @@ def test_blockwise_equals_in_memory_prediction_on_two_workers(model_path, volume
 
 
 @pytest.mark.slow
-def test_a_killed_run_resumes_and_finishes_with_the_same_result(model_path, volume, tmp_path):
+def test_a_killed_run_resumes_and_finishes_with_the_same_result(model_path, volume, tmp_path, capsys):
     big = np.concatenate([volume] * 4)  # 12 slices x 6 blocks
     write(f"{tmp_path}/raw.zarr", big, (1, 64, 64))
     output = f"{tmp_path}/p.zarr"
@@ -115,6 +117,8 @@ def test_a_killed_run_resumes_and_finishes_with_the_same_result(model_path, volu
                 break
             time.sleep(0.1)
         assert process.poll() is None, "the prediction ended before it could be killed"
+        with pytest.raises(EmUnetError, match=rf"this output is in use by process {process.pid} on "):
+            predict_volume(model_path, f"{tmp_path}/raw.zarr", output, workers=1, progress=False, tiling=TILING)
         os.killpg(process.pid, signal.SIGKILL)  # the command and its Dask workers, without warning
         process.wait()
     finally:
@@ -131,10 +135,70 @@ def test_a_killed_run_resumes_and_finishes_with_the_same_result(model_path, volu
             progress=False,
             tiling=Tiling(**{**SETTINGS, "margin": 16}),
         )
+    with pytest.raises(EmUnetError, match="is unfinished, not a result"):  # nothing reads it as a result yet
+        open_volume(output)
     predict_volume(model_path, f"{tmp_path}/raw.zarr", output, workers=2, progress=False, tiling=TILING)
+    assert f"process {process.pid} that held this output is gone; taking its lock over" in capsys.readouterr().err
     assert np.abs(open_volume(output)[...] - in_memory(model_path, big)).max() < 1e-5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.zarr", "raw.zarr"]  # no lock, no markers left
     with pytest.raises(EmUnetError, match="already exists"):  # finished: like any existing output
         predict_volume(model_path, f"{tmp_path}/raw.zarr", output, workers=1, progress=False, tiling=TILING)
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_command_and_its_workers_with_one_line_and_the_output_marked(model_path, volume, tmp_path):
+    write(f"{tmp_path}/raw.zarr", np.concatenate([volume] * 4), (1, 64, 64))
+    output = tmp_path / "p.zarr"
+    settings = [f"--{k.replace('_', '-')}={v}" for k, v in SETTINGS.items()]
+    command = [sys.executable, "-m", "em_unet.cli", "predict", model_path, f"{tmp_path}/raw.zarr", "-o", output]
+    process = subprocess.Popen(
+        [*map(str, command), "--workers", "1", *settings],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    markers = ResumeMarkers(str(output)).folder
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and process.poll() is None:
+            if markers.is_dir() and len([p for p in markers.iterdir() if p.name[0].isdigit()]) >= 3:
+                break
+            time.sleep(0.1)
+        os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole process group
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 130
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
+    last = stderr.strip().splitlines()[-1]
+    assert re.fullmatch(
+        rf"em-unet: interrupted; {output} is unfinished: \d+ of 144 blocks done; rerun the same command to resume"
+        r"( \(the workers' log: .*\))?",
+        last,
+    ), last
+    with pytest.raises(EmUnetError, match="is unfinished, not a result"):
+        open_volume(str(output))
+
+
+@pytest.mark.slow
+def test_a_corrupt_chunk_is_one_line_naming_the_log_and_the_unfinished_output(model_path, volume, tmp_path):
+    write(f"{tmp_path}/raw.zarr", volume, (1, 64, 64))
+    chunk = tmp_path / "raw.zarr" / "0" / "c" / "2" / "2" / "3"  # the last slice's last chunk
+    chunk.write_bytes(b"not zstd data" * 10)
+    output = tmp_path / "p.zarr"
+    settings = [f"--{k.replace('_', '-')}={v}" for k, v in SETTINGS.items()]
+    result = run_cli("predict", model_path, f"{tmp_path}/raw.zarr", "-o", output, "--workers", "1", *settings)
+    assert result.returncode == 2
+    line = error_line(result)
+    log = ResumeMarkers(str(output)).log_path
+    assert "raw.zarr: cannot read z 2-2, y" in line
+    assert re.search(rf"{output} is unfinished: \d+ of 36 blocks done; rerun the same command to resume", line)
+    assert line.endswith(f"(the workers' log: {log})")
+    assert "Compute Failed" not in result.stderr and "Compute Failed" in log.read_text()
+    with pytest.raises(EmUnetError, match="is unfinished, not a result"):
+        open_volume(str(output))
 
 
 def test_bad_volumes_and_outputs_are_refused_before_any_work(model_path, tmp_path, capsys):

@@ -300,3 +300,25 @@ def test_a_mixed_bfloat16_model_exports_float32_unless_asked_to_keep_it(tmp_path
     assert {layer.compute_dtype for layer in [kept, *kept.layers]} == {"float32"}
     kept_trained = keras.saving.load_model(exported["trained"] / "model.keras", compile=False)
     assert kept_trained.get_layer("enc1_conv1").compute_dtype == "bfloat16"
+
+
+def test_the_export_command_exports_a_kept_keras_file_and_refuses_what_it_cannot(tiny_model, tmp_path, capsys):
+    from em_unet import cli
+
+    tiny_model.save(tmp_path / "best.keras")
+    models = tmp_path / "models"
+    assert cli.main(["export", str(tmp_path / "best.keras"), "--models-dir", str(models), "--model-name", "m"]) == 0
+    assert versions(models / "m") == [1] and f"{models / 'm' / '1'}" in capsys.readouterr().out
+    (tmp_path / "notes.keras").write_text("not a zip")
+    for argv, message in (
+        ([str(tmp_path / "missing.keras")], "missing.keras: no such model file or folder"),
+        ([str(models / "m" / "1")], "export takes a .keras file; this is already a SavedModel"),
+        ([str(tmp_path / "notes.keras")], "notes.keras: "),
+        ([str(tmp_path / "best.keras"), "--model-name", "a/b"], "--model-name = 'a/b': must be a folder name"),
+        ([str(tmp_path / "best.keras"), "--models-dir", str(tmp_path / "best.keras")], "best.keras"),
+    ):
+        where = [] if "--models-dir" in argv else ["--models-dir", str(models)]
+        assert cli.main(["export", *argv, *where]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+    assert versions(models / "m") == [1] and sorted(p.name for p in models.iterdir()) == ["m"]

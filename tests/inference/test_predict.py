@@ -223,6 +223,22 @@ def test_existing_or_unwritable_output_is_refused(tiny_model, tmp_path):
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
 
 
+def test_an_output_another_process_is_writing_is_refused_naming_it(tiny_model, tmp_path):
+    from tests.io.test_files import hold_lock
+
+    version = export_saved_model(tiny_model, "m", tmp_path)
+    tifffile.imwrite(tmp_path / "s.tif", np.zeros((1, 64, 64), np.uint8), photometric="minisblack")
+    for output, overwrite in ((tmp_path / "prob.tif", False), (tmp_path / "old.tif", True)):
+        holder = hold_lock(output)  # a real process writing it
+        try:
+            with pytest.raises(EmUnetError, match=rf"this output is in use by process {holder.pid} on "):
+                predict_file(version, tmp_path / "s.tif", output, overwrite=overwrite, progress=False)
+        finally:
+            holder.kill()
+            holder.wait()
+        assert not output.exists()
+
+
 def test_rgb_stack_is_refused(tiny_model, tmp_path):
     from em_unet.errors import DataError
 

@@ -1,10 +1,14 @@
 import errno
+import json
 import os
+import socket
+import subprocess
+import sys
 
 import pytest
 
 from em_unet.errors import EmUnetError
-from em_unet.io.files import atomic_output, check_free_space, check_writable, new_folder
+from em_unet.io.files import atomic_output, check_free_space, check_writable, exclusive, lock_path, new_folder
 
 
 def snapshot(root):
@@ -212,3 +216,46 @@ def test_free_space(tmp_path):
         assert message.startswith(f"{tmp_path}: ") and "free but" in message
         assert "needed for the run's checkpoints" in message and "iB" in message
     assert os.listdir(tmp_path) == []
+
+
+HOLD_LOCK = """
+import sys, time
+from em_unet.io.files import exclusive
+with exclusive(sys.argv[1], "the test output"):
+    print("locked", flush=True)
+    time.sleep(120)
+"""
+
+
+def hold_lock(path):
+    """A real process that holds the lock of ``path`` until it is killed."""
+    process = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(path)], stdout=subprocess.PIPE, text=True)
+    assert process.stdout.readline().strip() == "locked"
+    return process
+
+
+def test_a_second_process_is_refused_naming_the_first_and_a_stale_lock_is_taken_over(tmp_path, capsys):
+    target = tmp_path / "out.zarr"
+    holder = hold_lock(target)
+    try:
+        for _ in range(2):  # refused, and refused again: a refusal does not disturb the holder's lock
+            with pytest.raises(EmUnetError, match=rf"in use by process {holder.pid} on {socket.gethostname()}"):
+                with exclusive(target, "the test output"):
+                    pass
+        assert json.loads(lock_path(target).read_text())["pid"] == holder.pid
+    finally:
+        holder.kill()  # SIGKILL: the lock file stays behind, stale
+        holder.wait()
+    assert lock_path(target).exists()
+    with exclusive(target, "the test output") as lock:
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+    assert f"process {holder.pid} that held the test output is gone; taking its lock over" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # released: nothing left behind
+
+
+def test_a_lock_of_another_host_is_never_taken_over(tmp_path):
+    lock_path(tmp_path / "run").write_text(json.dumps({"pid": 1, "host": "node7", "command": "em-unet train"}))
+    with pytest.raises(EmUnetError, match=r"in use by process 1 on node7 \(em-unet train\).*delete .*run.lock"):
+        with exclusive(tmp_path / "run", "the training run"):
+            pass
+    assert lock_path(tmp_path / "run").exists()

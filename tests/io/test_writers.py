@@ -1,14 +1,16 @@
 """The one writer interface: TIFF stacks and chunked volumes, complete or absent."""
 
 import json
+import os
 
 import numpy as np
 import pytest
 import tifffile
 
+from em_unet import cli
 from em_unet.errors import EmUnetError
 from em_unet.io.volumes import create_volume, open_volume
-from em_unet.io.writers import ResumeMarkers, check_output, open_output, output_kind
+from em_unet.io.writers import ResumeMarkers, check_output, check_output_space, open_output, output_kind
 
 
 def test_output_kind_is_a_volume_for_volume_addresses_and_a_tiff_otherwise(tmp_path):
@@ -97,3 +99,53 @@ def test_a_volume_start_that_fails_before_any_piece_leaves_nothing(tmp_path):
         ):
             raise ValueError("no scheduler")
     assert (tmp_path / "old.zarr").exists()
+
+
+@pytest.mark.parametrize("name", ["out.ome.zarr", "out.h5:/p"])
+def test_an_unfinished_output_is_marked_and_refused_as_an_input_until_finished(tmp_path, name):
+    address = f"{tmp_path}/{name}"
+    record = {"command": "em-unet predict", "model": "m"}
+    shape = dict(shape=(2, 8, 8), dtype=np.float32, chunks=(1, 8, 8), record=record, pieces=(2, "blocks"))
+    with pytest.raises(RuntimeError) as failure:
+        with open_output(address, **shape) as (out, m):
+            out[0:1] = np.ones((1, 8, 8))
+            m.mark("0-0-0")
+            raise RuntimeError("a worker failed")
+    assert failure.value.__notes__ == [f"{address} is unfinished: 1 of 2 blocks done; rerun the same command to resume"]
+    with pytest.raises(EmUnetError, match=r"is unfinished, not a result: written by em-unet predict.*rerun"):
+        open_volume(address)
+    if name.endswith(".zarr"):  # napari shows the image's name as the layer's name
+        import zarr
+
+        attrs = zarr.open_group(f"{tmp_path}/out.ome.zarr", mode="r").attrs.asdict()
+        assert attrs["ome"]["multiscales"][0]["name"] == "UNFINISHED image"
+    with open_output(address, **shape) as (out, m):  # the same run resumes it
+        out[1:2] = np.full((1, 8, 8), 2.0)
+    assert open_volume(address)[...].max() == 2.0  # finished: readable, the mark gone
+    if name.endswith(".zarr"):
+        attrs = zarr.open_group(f"{tmp_path}/out.ome.zarr", mode="r").attrs.asdict()
+        assert attrs["ome"]["multiscales"][0]["name"] == "image"
+
+
+def test_outputs_that_do_not_fit_on_disk_are_refused_or_warned_of_before_any_work(tmp_path, monkeypatch, capsys):
+    import em_unet.io.files as files
+
+    free = {"bytes": 100_000}
+    real_statvfs = os.statvfs
+
+    def small_disk(path):
+        stats = real_statvfs(path)
+        return os.statvfs_result((*stats[:4], free["bytes"] // stats.f_frsize, *stats[5:]))
+
+    monkeypatch.setattr(files.os, "statvfs", small_disk)
+    for name, shape, dtype in (("p.tif", (3, 512, 512), np.float32), ("n.tif", (30, 100, 100), np.uint16)):
+        with pytest.raises(EmUnetError, match=rf"free but .* needed for .*{name} \(.* voxels of {np.dtype(dtype)}\)"):
+            check_output_space(tmp_path / name, shape, dtype)
+    check_output_space(tmp_path / "fits.tif", (1, 10, 10), np.uint8)
+    check_output_space(f"{tmp_path}/p.zarr", (3, 512, 512), np.float32)  # compressed: a warning only
+    assert "it may not fit" in capsys.readouterr().err
+    stack = np.full((2, 64, 64), 0.5, np.float32)  # the segment command: refused, nothing written
+    tifffile.imwrite(tmp_path / "map.tif", stack)
+    free["bytes"] = 4096
+    assert cli.main(["segment", str(tmp_path / "map.tif"), "-o", str(tmp_path / "out" / "n.tif")]) == 2
+    assert "needed for" in capsys.readouterr().err and not (tmp_path / "out").exists()

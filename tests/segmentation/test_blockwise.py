@@ -9,6 +9,8 @@ import tifffile
 from em_unet.io.volumes import create_volume, open_volume
 from em_unet.io.writers import ResumeMarkers
 from em_unet.segmentation.blockwise import segment_volume
+from tests.helpers import error_line, run_cli
+from tests.segmentation.test_watershed import cells_map
 
 
 @pytest.fixture(scope="module")
@@ -46,3 +48,62 @@ def test_segmentation_workers_do_not_import_tensorflow(volume, tmp_path):
         with Client(cluster) as client:
             loaded = client.run(lambda: sorted(m for m in ("tensorflow", "keras") if m in sys.modules))
     assert list(loaded.values()) == [[]]
+
+
+@pytest.mark.slow
+def test_a_failing_worker_is_one_line_with_its_log_and_leaves_a_marked_output_that_resumes(volume, tmp_path, capsys):
+    import zarr
+
+    from em_unet import cli
+    from em_unet.segmentation.watershed import SegmentParams, segment_stack
+
+    probability = (volume / 255.0).astype(np.float32)
+    broken = probability.copy()
+    broken[2, 5, 7] = np.nan
+    write(f"{tmp_path}/p.zarr", broken, (1, 64, 64))
+    output = tmp_path / "n.ome.zarr"
+    result = run_cli("segment", f"{tmp_path}/p.zarr", "-o", output, "--workers", "1")
+    assert result.returncode == 2
+    line = error_line(result)
+    log = ResumeMarkers(str(output)).log_path
+    assert "p.zarr: NaN or infinite value at slice 2 (nan at row 5, column 7)" in line
+    assert f"{output} is unfinished: " in line and "of 6 slice steps (2 per slice) done" in line
+    assert f"rerun the same command to resume (the workers' log: {log})" in line
+    assert "Compute Failed" not in result.stderr
+    assert "Compute Failed" in log.read_text() and "check_finite" in log.read_text()  # the traceback, kept
+    attrs = zarr.open_group(str(output), mode="r").attrs.asdict()
+    assert attrs["ome"]["multiscales"][0]["name"].startswith("UNFINISHED")  # napari's layer name says it
+    from em_unet.training.model import build_unet
+
+    build_unet(depth=2, base_filters=4).save(tmp_path / "m.keras")
+    for argv in (
+        ["segment", str(output), "-o", str(tmp_path / "again.tif")],
+        ["segment", str(output), "-o", str(tmp_path / "again.ome.zarr")],
+        ["evaluate", str(output), str(tmp_path / "any.tif")],
+        ["predict", str(tmp_path / "m.keras"), str(output), "-o", str(tmp_path / "q.ome.zarr")],
+        ["predict", str(tmp_path / "m.keras"), str(output), "-o", str(tmp_path / "q.tif"), "--segment", "s.tif"],
+        ["train", "--data", str(output), "--labels", str(output), "--logs-dir", str(tmp_path / "logs")],
+    ):
+        assert cli.main(argv) == 2, argv
+        assert f"{output} is unfinished, not a result: written by em-unet segment" in capsys.readouterr().err
+    refused_outputs = ("again.tif", "again.ome.zarr", "q.ome.zarr", "q.tif", "logs")
+    assert not any((tmp_path / name).exists() for name in refused_outputs)
+    with open_volume(f"{tmp_path}/p.zarr", mode="r+") as fixed:  # the user mends the input and reruns
+        fixed[2, 5, 7] = 0.5
+    probability[2, 5, 7] = 0.5
+    assert run_cli("segment", f"{tmp_path}/p.zarr", "-o", output, "--workers", "1").returncode == 0
+    assert np.array_equal(open_volume(str(output))[...], segment_stack(probability, SegmentParams()))
+    assert not ResumeMarkers(str(output)).folder.exists()
+    assert not zarr.open_group(str(output), mode="r").attrs.asdict()["ome"]["multiscales"][0]["name"].startswith("UN")
+
+
+@pytest.mark.slow
+def test_maps_with_cell_interiors_above_zero_give_one_segment_per_cell_blockwise(tmp_path, capsys):
+    probability, truth = cells_map(interior=0.2)
+    write(f"{tmp_path}/p.zarr", probability, (1, 64, 64))
+    labels = open_volume(segment_volume(f"{tmp_path}/p.zarr", f"{tmp_path}/n.zarr", workers=1, progress=False))[...]
+    assert [len(np.unique(s)) for s in labels] == [len(np.unique(t)) - 1 for t in truth]
+    flat = np.full((2, 64, 64), 0.4, np.float32)  # no cell interior at all: one segment, and a warning
+    write(f"{tmp_path}/flat.zarr", flat, (1, 64, 64))
+    segment_volume(f"{tmp_path}/flat.zarr", f"{tmp_path}/f.zarr", workers=1, progress=False)
+    assert "flat.zarr: 2 slice(s) came out as one segment (slice 0, 1)" in capsys.readouterr().err

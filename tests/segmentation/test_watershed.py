@@ -31,6 +31,40 @@ def cell_grid(size=64, cell=16, faint=None):
     return probability.astype(np.float32), target
 
 
+def cells_map(interior: float, slices: int = 2, size: int = 64, cell: int = 16):
+    """A map of square cells on 3-px membranes at 0.9 whose interiors sit at ``interior`` (with noise of
+    0.02), as a weakly trained model or a map scaled differently gives; and its ground-truth labels
+    (0 on membranes, one label per cell)."""
+    _, target = cell_grid(size, cell)
+    rng = np.random.default_rng(1)
+    clean = np.where(target > 0, 0.9, interior)
+    maps = [np.clip(clean + rng.normal(0, 0.02, target.shape), 0, 1) for _ in range(slices)]
+    truth = truth_segments(target)
+    return np.stack(maps).astype(np.float32), np.stack([truth] * slices)
+
+
+@pytest.mark.parametrize("interior", [0.0, 0.1, 0.2, 0.3])
+def test_cell_interiors_above_zero_still_give_one_segment_per_cell(interior, tmp_path, capsys):
+    probability, truth = cells_map(interior)
+    labels = segment_stack(probability)
+    for section, cells in zip(labels, truth):
+        assert len(np.unique(section)) == cells.max() == 16
+        assert evaluate_segments(section, (cells == 0).astype(np.float32))["v_rand"] == pytest.approx(1.0)
+    tifffile.imwrite(tmp_path / "p.tif", probability)  # and through the command, TIFF in, TIFF out
+    assert cli.main(["segment", str(tmp_path / "p.tif"), "-o", str(tmp_path / "n.tif")]) == 0
+    assert tifffile.imread(tmp_path / "n.tif").max() == 32
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_a_slice_that_comes_out_as_one_segment_is_named_in_a_warning(capsys):
+    probability, _ = cells_map(0.1, slices=3)
+    probability[1] = 0.5  # nothing to seed: one segment
+    labels = segment_stack(probability, source="p.tif")
+    assert len(np.unique(labels[1])) == 1 and len(np.unique(labels[0])) == 16
+    err = capsys.readouterr().err
+    assert "em-unet: warning: p.tif: 1 slice(s) came out as one segment (slice 1)" in err and "--seed-threshold" in err
+
+
 def test_segments_recover_the_cells_of_a_clean_map():
     probability, target = cell_grid()
     labels = segment_slice(probability)
