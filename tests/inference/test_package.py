@@ -41,6 +41,9 @@ def offline(monkeypatch, tmp_path):
         return connect(sock, address)
 
     monkeypatch.setattr(socket.socket, "connect", refuse)
+    # bioimageio.core's Keras backend sets KERAS_BACKEND (default "torch") in os.environ when imported; Dask
+    # workers and subprocesses of later tests inherit it, and Keras then fails to import without torch
+    monkeypatch.setenv("KERAS_BACKEND", "tensorflow")
     monkeypatch.setattr(settings, "cache_path", tmp_path / "bioimageio-cache")
     monkeypatch.chdir(tmp_path)
     return attempts
