@@ -110,9 +110,7 @@ def _workers_ignore_ctrl_c() -> Iterator[None]:
 def _log_to_file(log_file: Path) -> Iterator[None]:
     """This process's Dask warnings (scheduler, nannies) also go to ``log_file`` while the block runs."""
     log_file.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(log_file)
-    handler.setLevel(logging.WARNING)
-    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    handler = _file_handler(log_file)
     logger = logging.getLogger("distributed")
     logger.addHandler(handler)
     try:
@@ -120,6 +118,14 @@ def _log_to_file(log_file: Path) -> Iterator[None]:
     finally:
         logger.removeHandler(handler)
         handler.close()
+
+
+def _file_handler(log_file: str | Path) -> logging.FileHandler:
+    """A handler that appends Dask's warnings and errors to ``log_file`` (from the client and every worker)."""
+    handler = logging.FileHandler(log_file)
+    handler.setLevel(logging.WARNING)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    return handler
 
 
 def _worker_log_plugin(log_file: str):
@@ -131,9 +137,7 @@ def _worker_log_plugin(log_file: str):
         def setup(self, worker):
             if not Path(log_file).parent.is_dir():  # a remote worker without the shared folder
                 return
-            self.handler = logging.FileHandler(log_file)
-            self.handler.setLevel(logging.WARNING)
-            self.handler.setFormatter(logging.Formatter(LOG_FORMAT))
+            self.handler = _file_handler(log_file)
             logger = logging.getLogger("distributed")
             logger.addHandler(self.handler)
             if logger.getEffectiveLevel() > logging.WARNING:  # a silenced LocalCluster worker: stderr stays quiet

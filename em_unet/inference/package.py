@@ -226,24 +226,25 @@ class _Files:
 
     def __init__(self, path: Path):
         self.path = path
-        if path.is_dir():
+        self.zipped = not path.is_dir()
+        if not self.zipped:
             self.names = {str(p.relative_to(path)) for p in path.rglob("*") if p.is_file()}
-            self.archive = None
-        else:
-            try:
-                self.archive = zipfile.ZipFile(path)
-                self.names = set(self.archive.namelist())
-            except (zipfile.BadZipFile, OSError) as err:
-                raise EmUnetError(f"{path}: not a bioimage.io package (not a readable zip archive: {err})") from None
+            return
+        try:
+            with zipfile.ZipFile(path) as archive:
+                self.names = set(archive.namelist())
+        except (zipfile.BadZipFile, OSError) as err:
+            raise EmUnetError(f"{path}: not a bioimage.io package (not a readable zip archive: {err})") from None
 
     def read(self, name: str) -> bytes:
         name = str(name).removeprefix("./")
         if name not in self.names:
             raise EmUnetError(f"{self.path}: rdf.yaml names {name}, which the package does not hold")
         try:
-            if self.archive is None:
+            if not self.zipped:
                 return (self.path / name).read_bytes()
-            return self.archive.read(name)
+            with zipfile.ZipFile(self.path) as archive:
+                return archive.read(name)
         except (zipfile.BadZipFile, OSError, EOFError) as err:
             raise EmUnetError(f"{self.path}: cannot read {name} from the package ({err})") from None
 
@@ -264,6 +265,7 @@ class PackageModel:
     rdf: dict
     preprocessing: list[dict]
     halo: int
+    files: _Files
 
     def preprocess(self, image: np.ndarray) -> np.ndarray:
         """One raw 2-D slice through the package's preprocessing: float32, what its model takes."""
@@ -324,14 +326,14 @@ def read_package(path: str | Path) -> PackageModel:
             f"{path}: the output's postprocessing ({', '.join(map(str, post))}) is not one em-unet applies; "
             "em-unet takes a model whose output is the membrane probability itself"
         )
-    return PackageModel(path, rdf, list(inputs[0].get("preprocessing") or []), halos.pop())
+    return PackageModel(path, rdf, list(inputs[0].get("preprocessing") or []), halos.pop(), files)
 
 
 def package_predictor(path: str | Path) -> Callable[[np.ndarray], np.ndarray]:
     """Tiles -> membrane probabilities through a package's weights: its ``tensorflow_saved_model_bundle``
     (em-unet's signature), else its ``keras_v3`` file; a one-line error if it has neither."""
     package = read_package(path)
-    files = _Files(package.path)
+    files = package.files
     weights = package.rdf.get("weights") or {}
     with tempfile.TemporaryDirectory(prefix="em-unet-package-") as tmp:
         # TensorFlow reads a SavedModel's variables when it loads it, and Keras a .keras file: the unpacked

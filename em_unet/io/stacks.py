@@ -254,10 +254,8 @@ def stack_shape(path: str | Path) -> tuple[int, int, int]:
             return volume.shape
     path = Path(path)
     files = _slice_files(path)
-    if all(file.suffix.lower() != ".png" for file in files):
-        counted = [_tiff_slices(file) for file in files]
-        return sum(count for count, _ in counted), *counted[0][1]
-    return sum(1 for _ in iter_slices(path)), *next(iter_slices(path)).shape
+    counted = [(1, None) if file.suffix.lower() == ".png" else _tiff_slices(file) for file in files]
+    return sum(count for count, _ in counted), *(counted[0][1] or _read_png(files[0]).shape)
 
 
 def _slice_files(path: Path) -> list[Path]:

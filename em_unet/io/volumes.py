@@ -382,8 +382,8 @@ def _open(location: VolumeAddress, level: int, mode: str, shown: str) -> Volume:
         volume = _open_hdf5(location, mode, shown)
     else:
         volume = _open_zarr(location, level, mode, shown)
-    if mode == "r" and volume.unfinished:  # only the run that writes it (mode "r+") may open it
-        note = volume.unfinished
+    note = volume.unfinished if mode == "r" else None  # only the run that writes it (mode "r+") may open it
+    if note:
         volume.close()
         raise DataError(f"{volume.address} is unfinished, not a result: {note}")
     return volume

@@ -142,7 +142,7 @@ def segment_stack(
 
 
 def warn_single_segments(counts: list[int], source: str) -> None:
-    """Warn, naming the slices, when slices of a stack of more than a few pixels came out as one segment."""
+    """Warn, naming the slices, when slices of a stack came out as one segment (``counts``: segments per slice)."""
     single = [z for z, count in enumerate(counts) if count == 1]
     if single:
         shown = ", ".join(str(z) for z in single[:10]) + (", ..." if len(single) > 10 else "")
