@@ -38,6 +38,7 @@ from em_unet.io.files import atomic_output, check_writable  # noqa: E402
 from em_unet.io.volumes import is_volume_address, parse_address  # noqa: E402
 from em_unet.io.writers import output_kind  # noqa: E402
 from em_unet.machine import import_tensorflow_quietly  # noqa: E402
+from em_unet.segmentation.affinities import MutexParams, is_affinity_map, segment_affinity_file  # noqa: E402
 from em_unet.segmentation.blockwise import segment_volume  # noqa: E402
 from em_unet.segmentation.metrics import MIN_OVERLAP_PX, evaluate_files  # noqa: E402
 from em_unet.segmentation.watershed import SegmentParams, check_segment_outputs, segment_file  # noqa: E402
@@ -73,6 +74,10 @@ def _verbosity() -> int:
 
 def _segment_params(args):
     return from_args(SegmentParams, args)
+
+
+def _mutex_params(args):
+    return from_args(MutexParams, args)
 
 
 # ---------------------------------------------------------------- the commands
@@ -226,6 +231,7 @@ def cmd_predict(args) -> int:
     options = from_args(PredictConfig, args)
     volume = from_args(VolumeOptions, args)
     params = _segment_params(args)  # checked before the long prediction starts, like every option
+    mutex = _mutex_params(args)
     tiling = Tiling.of(options)
     chunked = _chunked_output(options.stack, options.output, volume, "predicted block by block")
     if chunked and options.binary:
@@ -250,6 +256,7 @@ def cmd_predict(args) -> int:
             tta=options.tta,
             isbi=options.isbi,
             block=options.block,
+            affinities_address=options.affinities,
             scheduler=volume.scheduler,
             workers=volume.workers,
             overwrite=options.overwrite,
@@ -265,9 +272,17 @@ def cmd_predict(args) -> int:
         binary=options.binary,
         isbi=options.isbi,
         overwrite=options.overwrite,
+        affinities_path=options.affinities,
     )
     print(f"wrote {path}")
-    if options.segment:
+    if options.affinities:
+        print(f"wrote {options.affinities}")
+    if options.segment and options.affinities:  # the affinities, by the mutex watershed
+        segments, sidecar = segment_affinity_file(
+            options.affinities, options.segment, mutex, overwrite=options.overwrite
+        )
+        print(f"wrote {segments} (parameters: {sidecar})")
+    elif options.segment:
         segments, sidecar = segment_file(path, options.segment, params, overwrite=options.overwrite)
         print(f"wrote {segments} (parameters: {sidecar})")
     return 0
@@ -276,20 +291,30 @@ def cmd_predict(args) -> int:
 def cmd_segment(args) -> int:
     options = from_args(SegmentOptions, args)
     volume = from_args(VolumeOptions, args)
+    params, mutex = _segment_params(args), _mutex_params(args)
+    source = _address(options.probability, volume.key)
+    affinities = is_affinity_map(source)
+    if not affinities and options.offsets:
+        raise EmUnetError(f"--offsets is for affinity maps; {source} is a membrane-probability map")
     if _chunked_output(options.probability, options.output, volume, "segmented"):
         address = segment_volume(
             options.probability,
             options.output,
-            _segment_params(args),
+            mutex if affinities else params,
             key=volume.key,
             scheduler=volume.scheduler,
             workers=volume.workers,
             overwrite=options.overwrite,
+            offsets=options.affinity_offsets(),
         )
         print(f"wrote {address}")
         return 0
-    probability = _address(options.probability, volume.key)
-    segments, sidecar = segment_file(probability, options.output, _segment_params(args), overwrite=options.overwrite)
+    if affinities:
+        segments, sidecar = segment_affinity_file(
+            source, options.output, mutex, options.affinity_offsets(), overwrite=options.overwrite
+        )
+    else:
+        segments, sidecar = segment_file(source, options.output, params, overwrite=options.overwrite)
     print(f"wrote {segments} (parameters: {sidecar})")
     return 0
 
@@ -466,17 +491,20 @@ def build_parser() -> argparse.ArgumentParser:
         (PredictConfig, {}),
         (VolumeOptions, {}),
         (SegmentParams, {}),
+        (MutexParams, {}),
     )
     command(
         "segment",
         cmd_segment,
-        "neuron labels from a membrane-probability map (watershed + agglomeration)",
+        "neuron labels from a membrane-probability map (watershed + agglomeration) or affinities (mutex watershed)",
         "Segment a membrane-probability TIFF (from em-unet predict) into one integer label per neuron section: "
         "2-D per slice, labels unique across the stack, written as a uint16 (or uint32) TIFF that opens in "
-        "Fiji, with the parameters used in a JSON file beside it.",
+        "Fiji, with the parameters used in a JSON file beside it. An affinity map (from predict --affinities) "
+        "is segmented by the mutex watershed instead, with the mutex-watershed options.",
         (SegmentOptions, {}),
         (VolumeOptions, {}),
         (SegmentParams, {}),
+        (MutexParams, {}),
     )
     command(
         "evaluate",

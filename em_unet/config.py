@@ -23,6 +23,7 @@ from importlib import resources
 from em_unet.errors import ConfigError
 from em_unet.io.stacks import LABEL_CONVENTIONS
 from em_unet.machine import PRECISIONS
+from em_unet.segmentation.offsets import DEFAULT_OFFSETS, Offsets, check_offsets, offsets_text, parse_offsets
 from em_unet.settings import (
     RegistryNames,
     Settings,
@@ -48,6 +49,7 @@ STRATEGIES = RegistryNames("em_unet.training.distribute", "STRATEGIES", first=("
 # PRECISIONS comes from em_unet.machine (imported above: it imports TensorFlow only to resolve "auto").
 # Declared here and imported by the modules that act on them (io.stacks, inference.export, training.tune):
 EXPORT_PRECISIONS = RegistryNames("em_unet.inference.export", "EXPORT_PRECISIONS")
+TARGETS = ("boundary", "affinities")
 ALGORITHMS = ("hyperband", "bayesian", "random", "grid")
 OBJECTIVES = ("val_loss", "loss")
 SAMPLINGS = ("linear", "log")
@@ -138,6 +140,30 @@ class TrainConfig(Settings):
     momentum: float = setting(0.0, "SGD momentum (0: plain SGD)", group="optimisation", minimum=0.0, below=1.0)
     loss: str = setting(
         "bce", "weighted_bce: the U-Net paper's border-weighted cross-entropy", group="optimisation", choices=LOSSES
+    )
+    target: str = setting(
+        "boundary",
+        "what the U-Net learns: boundary = the membrane probability; affinities = also, for each pixel and "
+        "each of --offsets, whether it is in the same cell as the pixel at that offset (for em-unet segment's "
+        "mutex watershed)",
+        group="model",
+        choices=TARGETS,
+    )
+    offsets: str = setting(
+        offsets_text(DEFAULT_OFFSETS),
+        "affinity offsets, pairs DY,DX of pixels separated by spaces (with --target affinities); the default is "
+        "the mutex-watershed paper's ISBI set: nearest neighbours, 9 px in eight directions, 27 px along the axes",
+        group="model",
+        metavar="DY,DX ...",
+    )
+    ema: float = setting(
+        0.0,
+        "weight averaging: validate, keep and export the exponential moving average of the weights with this "
+        "momentum per step (Keras' use_ema; 0: off; 0.999 averages about the last 1000 steps)",
+        group="optimisation",
+        minimum=0.0,
+        below=1.0,
+        metavar="M",
     )
     early_stopping: int = setting(
         0,
@@ -265,6 +291,15 @@ class TrainConfig(Settings):
             )
         for name in ("run_name", "model_name"):
             check_folder_name(name, getattr(self, name))
+        self.affinity_offsets()
+
+    def affinity_offsets(self) -> Offsets:
+        """The offsets the U-Net learns affinities for: none with ``target`` boundary (checked either way)."""
+        try:
+            offsets = check_offsets(parse_offsets(self.offsets), self.patch_size)
+        except ValueError as err:
+            raise ConfigError(f"{describe(TrainConfig.field('offsets'))} = {self.offsets!r}: {err}") from None
+        return offsets if self.target == "affinities" else ()
 
     def augment_config(self):
         """The :class:`~em_unet.training.augment.AugmentConfig` this run trains with, or None when ``augment``
@@ -306,7 +341,19 @@ NAMING_FIELDS = (
 )
 # What a search space may search: architecture and optimizer (chosen in HyperModel.build) and
 # training-time settings (chosen in HyperModel.fit).
-BUILD_FIELDS = ("depth", "base_filters", "batch_norm", "optimizer", "learning_rate", "lr_schedule", "momentum", "loss")
+BUILD_FIELDS = (
+    "depth",
+    "base_filters",
+    "batch_norm",
+    "optimizer",
+    "learning_rate",
+    "lr_schedule",
+    "momentum",
+    "loss",
+    "target",
+    "offsets",
+    "ema",
+)
 FIT_FIELDS = ("augment", "elastic_sigma_px", "elastic_points", "rotation_degrees", "batch_size", "patch_size")
 
 
@@ -452,6 +499,13 @@ class PredictConfig(Settings):
         metavar="SEGMENTS.tif",
         group="prediction",
     )
+    affinities: str | None = setting(
+        None,
+        "also write an affinity U-Net's affinities here: a TIFF hyperstack (z, c, y, x; the offsets in its Info) or "
+        "a chunked volume (c, z, y, x; the offsets in its attributes), for em-unet segment",
+        metavar="AFFINITIES",
+        group="prediction",
+    )
     overwrite: bool = setting(False, "replace existing output files")
     block: int | None = setting(
         None,
@@ -467,6 +521,8 @@ class PredictConfig(Settings):
         check_tiling(self.tile, self.margin, self.overlap)
         if self.segment and (self.binary or self.isbi):
             raise ConfigError("--segment needs the membrane probability: leave out --binary and --isbi")
+        if self.affinities is not None and self.affinities == self.output:
+            raise ConfigError(f"--affinities {self.affinities}: the same path as --output: name another file")
 
 
 def check_tiling(tile: int | None, margin: int, overlap: int) -> None:
@@ -592,9 +648,33 @@ class PackageOptions(Settings):
 
 @dataclass
 class SegmentOptions(Settings):
-    probability: str = setting(help="membrane-probability TIFF stack: float in [0, 1], or 8/16-bit", positional=True)
+    probability: str = setting(
+        help="membrane-probability TIFF stack (float in [0, 1], or 8/16-bit), or an affinity map (from predict "
+        "--affinities: segmented by the mutex watershed)",
+        positional=True,
+    )
     output: str = setting(help="label TIFF to write", flag="-o", metavar="SEGMENTS.tif")
+    offsets: str | None = setting(
+        None,
+        "the affinity map's offsets, pairs DY,DX separated by spaces, one per channel (for a map that does not "
+        "record them; one that does must agree)",
+        metavar="DY,DX ...",
+        default_text="those the map records",
+        group="mutex",
+    )
     overwrite: bool = setting(False, "replace existing output files")
+
+    def affinity_offsets(self) -> Offsets | None:
+        """``offsets`` parsed and checked, or None when not given."""
+        if self.offsets is None:
+            return None
+        try:
+            return check_offsets(parse_offsets(self.offsets))
+        except ValueError as err:
+            raise ConfigError(f"{describe(SegmentOptions.field('offsets'))} = {self.offsets!r}: {err}") from None
+
+    def check(self) -> None:
+        self.affinity_offsets()
 
 
 @dataclass

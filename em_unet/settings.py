@@ -95,6 +95,7 @@ GROUPS = {
     "outputs": "outputs",
     "prediction": "prediction",
     "segmentation": "segmentation (seeded watershed + agglomeration; defaults measured on ISBI 2012 slices 15-19)",
+    "mutex": "segmentation of affinity maps (mutex watershed)",
     "search": "search",
     "volumes": "large volumes (HDF5, Zarr, OME-Zarr inputs or outputs: worked on block by block on a Dask cluster)",
     "distributed": "distributed tuning (KerasTuner chief and workers: --workers on this machine, or --tuner-id, "

@@ -28,11 +28,17 @@ from tqdm import tqdm
 from em_unet.cluster import Block, cluster_threads_per_worker, dask_client, gather_in_any_order, plan_blocks
 from em_unet.config import PredictConfig
 from em_unet.errors import EmUnetError
-from em_unet.inference.predict import load_predictor, predict_regions, resolve_model_path
+from em_unet.inference.predict import (
+    affinity_attributes,
+    check_affinity_model,
+    load_predictor,
+    predict_regions,
+    resolve_model_path,
+)
 from em_unet.inference.tiling import Tiling
 from em_unet.io.stacks import scale_to_unit, volume_intensity_range
 from em_unet.io.volumes import open_volume, parse_address
-from em_unet.io.writers import ResumeMarkers, check_volume_output, open_output
+from em_unet.io.writers import ResumeMarkers, check_volume_output, open_output, output_kind
 from em_unet.machine import cpu_cores, gpu_count, import_tensorflow_quietly
 
 DEFAULT_BLOCK_PX = 512  # block side (pixels) for given tiles when the input's chunks are smaller than 64 px
@@ -55,6 +61,7 @@ class PredictJob:
     low: float
     high: float
     threads: int
+    channels: bool = False  # also the affinities, after the membrane probability
 
 
 _PREDICTORS: dict[str, object] = {}
@@ -90,10 +97,11 @@ def _worker_number() -> int:
 
 
 def predict_block(
-    job: PredictJob, source, block: Block, output=None, markers: ResumeMarkers | None = None
+    job: PredictJob, source, block: Block, output=None, markers: ResumeMarkers | None = None, affinities=None
 ) -> np.ndarray | None:
-    """Predict ``block`` of the volume ``source``; write it into ``output`` and mark it done when given
-    (Zarr), else return it (the client writes HDF5)."""
+    """Predict ``block`` of the volume ``source``; write it into ``output`` (and with ``job.channels`` the
+    affinities into ``affinities``, ``(c, z, y, x)``) and mark it done when given (Zarr), else return it (the
+    client writes HDF5): ``(z, y, x)``, or with ``job.channels`` ``(1 + c, z, y, x)``."""
     predictor = worker_predictor(job.model, job.threads)
     _, height, width = source.shape
     grid = job.tiling.grid(height, width)
@@ -110,14 +118,38 @@ def predict_block(
 
     region = (block.y0, block.y1, block.x0, block.x1)
     regions = ((reader(z), grid, region) for z in range(block.z0, block.z1))
-    result = np.stack(list(predict_regions(predictor, regions, job.tiling.tile_batch, job.tta)))
-    if job.isbi:
+    result = np.stack(list(predict_regions(predictor, regions, job.tiling.tile_batch, job.tta, job.channels)), axis=-3)
+    if job.isbi and job.channels:
+        result[0] = 1.0 - result[0]
+    elif job.isbi:
         result = 1.0 - result
     if output is None:
         return result
-    output[block.index] = result
+    write_block(block, result, output, affinities)
     markers.mark(block.name)
     return None
+
+
+def write_block(block: Block, result: np.ndarray, output, affinities=None) -> None:
+    """Write a block's prediction (see :func:`predict_block`) into the output, and the affinities into theirs."""
+    if affinities is None:
+        output[block.index] = result
+        return
+    affinities[(slice(None), *block.index)] = result[1:]
+    output[block.index] = result[0]
+
+
+@dataclass(frozen=True)
+class _BothMarkers:
+    """The done markers of the output and of the affinity output (if any), marked together."""
+
+    output: ResumeMarkers
+    affinities: ResumeMarkers | None
+
+    def mark(self, name: str) -> None:
+        self.output.mark(name)
+        if self.affinities is not None:
+            self.affinities.mark(name)
 
 
 # ---------------------------------------------------------------- predicting a volume
@@ -155,16 +187,29 @@ def predict_volume(
     workers: int | None = None,
     overwrite: bool = PredictConfig.overwrite,
     progress: bool = True,
+    affinities_address: str | None = None,
 ) -> str:
     """Predict a chunked volume block by block on a Dask cluster into a float32 chunked output (Zarr /
     OME-Zarr or HDF5); resumes an interrupted run of the same command. Returns the output address.
 
     ``block``: block side in pixels (default: along the tiles' cores, so each block is one tile where
     ``tiling.overlap`` is 0; an overlap or another block side makes blocks also predict the parts of
-    neighbouring tiles that reach into them); ``key``: the input's array inside its file or store.
-    See the module docstring for the rest."""
+    neighbouring tiles that reach into them); ``key``: the input's array inside its file or store;
+    ``affinities_address``: also write an affinity U-Net's affinities there, a chunked ``(c, z, y, x)`` float32
+    volume with the offsets in its attributes (Zarr / OME-Zarr: axis ``c`` of type channel). See the module
+    docstring for the rest."""
     model = str(resolve_model_path(model_path))
     source = open_volume(input_address, key=key)
+    offsets = ()
+    if affinities_address is not None:
+        if output_kind(affinities_address) != "volume":
+            raise EmUnetError(
+                f"--affinities {affinities_address}: a chunked input gives a chunked affinity output "
+                "(OUT.zarr, OUT.ome.zarr, OUT.h5:/KEY)"
+            )
+        if parse_address(affinities_address).path == parse_address(output_address).path:
+            raise EmUnetError(f"--affinities {affinities_address}: name another store than the output's")
+        offsets = check_affinity_model(worker_predictor(model), model)  # loads the model here once, to know it
     shape = block_shape(source, tiling, block)
     record = {
         "command": "em-unet predict",
@@ -177,10 +222,15 @@ def predict_volume(
         "overlap": tiling.overlap,
         "tta": tta,
         "isbi": isbi,
+        "affinities": affinities_address,
     }
     check_volume_output(output_address, record, overwrite)  # refusals before a cluster starts
+    if offsets:
+        check_volume_output(affinities_address, record, overwrite)
     blocks = plan_blocks(source.shape, shape)
-    client_writes = parse_address(output_address).kind == "hdf5"
+    client_writes = parse_address(output_address).kind == "hdf5" or (
+        bool(offsets) and parse_address(affinities_address).kind == "hdf5"
+    )
     opened = open_output(
         output_address,
         shape=source.shape,
@@ -190,13 +240,31 @@ def predict_volume(
         overwrite=overwrite,
         pieces=(len(blocks), "blocks"),
     )
+    affinity_output = (
+        open_output(
+            affinities_address,
+            shape=source.shape,
+            dtype=np.float32,
+            chunks=shape,
+            record=record,
+            overwrite=overwrite,
+            pieces=(len(blocks), "blocks"),
+            channels=len(offsets),
+            attributes=affinity_attributes(offsets, model),
+        )
+        if offsets
+        else contextlib.nullcontext((None, None))
+    )
     with (
         opened as (output, markers),
+        affinity_output as (affinities, affinity_markers),
         dask_client(scheduler, workers or gpu_count() or cpu_cores(), log_file=markers.log_path) as client,
     ):
         low, high = volume_intensity_range(source, client)
-        job = PredictJob(model, tiling, tta, isbi, low, high, cluster_threads_per_worker(client))
-        done = markers.done()
+        job = PredictJob(model, tiling, tta, isbi, low, high, cluster_threads_per_worker(client), bool(offsets))
+        done = set(markers.done())
+        if affinity_markers is not None:
+            done &= set(affinity_markers.done())
         todo = [b for b in blocks if b.name not in done]
         futures = {
             client.submit(
@@ -205,7 +273,8 @@ def predict_volume(
                 source,
                 b,
                 None if client_writes else output,
-                None if client_writes else markers,
+                None if client_writes else _BothMarkers(markers, affinity_markers),
+                None if client_writes else affinities,
                 pure=False,
                 key=f"predict-{b.name}-{time.time()}",
             ): b
@@ -214,8 +283,8 @@ def predict_volume(
 
         def written(b: Block, result) -> None:
             if client_writes:
-                output[b.index] = result
-                markers.mark(b.name)
+                write_block(b, result, output, affinities)
+                _BothMarkers(markers, affinity_markers).mark(b.name)
 
         with tqdm(
             total=len(blocks), initial=len(blocks) - len(todo), unit="block", desc="predicting", disable=not progress

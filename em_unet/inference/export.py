@@ -1,7 +1,10 @@
 """Export for TF Serving: ``saved_models/<model_name>/<version>/`` with a ``serving_default`` signature.
 
 Input ``image``: float32 ``[batch, height, width, 1]`` in [0, 1] (sides multiples of
-``2**depth``); output ``membrane_probability``: float32, same shape. Versions are
+``2**depth``); output ``membrane_probability``: float32, same shape; an affinity U-Net also returns
+``affinities``: float32 ``[batch, height, width, offsets]``, channel c for offset c of the model's
+``affinity_offsets``, which the SavedModel keeps as a variable collection of that name (``loaded.affinity_offsets[0]``,
+int32 ``[offsets, 2]``, (dy, dx) pixels) and ``model.keras`` in its output layer. Versions are
 one above the highest numeric name in the model folder, written to a temporary
 folder and renamed, so an export never overwrites an earlier version nor leaves a
 half-written one. The Keras model is kept beside the SavedModel as ``model.keras``
@@ -27,10 +30,11 @@ import keras
 import tensorflow as tf
 
 from em_unet.errors import EmUnetError
-from em_unet.inference.predict import load_keras_model, resolve_model_path
-from em_unet.inference.serving import INPUT_NAME, OUTPUT_NAME, SIGNATURE, next_version
+from em_unet.inference.predict import affinity_offsets_of, load_keras_model, resolve_model_path
+from em_unet.inference.serving import AFFINITIES_NAME, INPUT_NAME, OUTPUT_NAME, SIGNATURE, next_version
 from em_unet.io.files import check_free_space, check_writable, new_folder
 from em_unet.machine import precision_policy
+from em_unet.segmentation.offsets import OFFSETS_ATTRIBUTE
 
 RENAME_ATTEMPTS = 100
 
@@ -165,12 +169,21 @@ def export_saved_model(
     served = EXPORT_PRECISIONS[precision](model)
     model_dir = Path(base_dir) / model_name
     check_writable(model_dir / "probe", overwrite=True)
+    offsets = affinity_offsets_of(served)
     archive = keras.export.ExportArchive()
     archive.track(served)
+
+    def serve(image):
+        output = tf.cast(served(image, training=False), tf.float32)
+        if not offsets:
+            return {OUTPUT_NAME: output}
+        return {OUTPUT_NAME: output[..., :1], AFFINITIES_NAME: output[..., 1:]}
+
+    if offsets:
+        offsets_variable = tf.Variable(offsets, dtype=tf.int32, trainable=False, name=OFFSETS_ATTRIBUTE)
+        archive.add_variable_collection(OFFSETS_ATTRIBUTE, [offsets_variable])
     archive.add_endpoint(
-        name=SIGNATURE,
-        fn=lambda image: {OUTPUT_NAME: tf.cast(served(image, training=False), tf.float32)},
-        input_signature=[tf.TensorSpec([None, None, None, 1], tf.float32, name=INPUT_NAME)],
+        name=SIGNATURE, fn=serve, input_signature=[tf.TensorSpec([None, None, None, 1], tf.float32, name=INPUT_NAME)]
     )
     try:
         with new_folder(model_dir):  # removes the folders it made if the export fails

@@ -351,7 +351,7 @@ def package_predictor(path: str | Path) -> Callable[[np.ndarray], np.ndarray]:
             found = sorted(folder.rglob("saved_model.pb"), key=lambda p: len(p.parts))
             if not found:
                 raise EmUnetError(f"{package.path}: its SavedModel {source} holds no saved_model.pb")
-            return load_saved_model(found[0].parent)
+            return load_saved_model(found[0].parent)[0]
         if (source := _source_of(weights.get("keras_v3"))) is not None:
             keras_file = Path(tmp) / "model.keras"
             keras_file.write_bytes(files.read(source))
@@ -504,7 +504,12 @@ def _source(model_path: Path, run_dir: str | Path | None, staging: Path) -> _Sou
     else:
         saved_model, original = model_path, "tensorflow_saved_model_bundle"
         model = load_keras_model(model_path / "model.keras") if (model_path / "model.keras").is_file() else None
-    predictor = load_saved_model(saved_model)  # one-line errors for a SavedModel that is not em-unet's
+    predictor, offsets = load_saved_model(saved_model)  # one-line errors for a SavedModel that is not em-unet's
+    if offsets:
+        raise EmUnetError(
+            f"{model_path}: an affinity U-Net ({len(offsets)} affinity channels beside the membrane probability); "
+            "em-unet packages boundary U-Nets only so far: package a model trained with --target boundary"
+        )
     channels = _channels(saved_model)
     if channels != (1, 1):
         shown = ["?" if c is None else str(c) for c in channels]
@@ -1020,7 +1025,7 @@ def package_model(
                 "documents only what the model tells (no training data, command or scores)"
                 + ("" if data else ", and its test image is synthetic")
             )
-        predictor = load_saved_model(source.saved_model)
+        predictor = load_saved_model(source.saved_model)[0]
         test = _test_data(source, predictor, data)
         halo = Tiling().margin
         step = 2**source.depth

@@ -10,6 +10,7 @@ predicted and written one at a time.
 
 from __future__ import annotations
 
+import contextlib
 import zipfile
 import zlib
 from collections.abc import Callable, Iterable, Iterator
@@ -21,10 +22,12 @@ from tqdm import tqdm
 
 from em_unet.config import PredictConfig
 from em_unet.errors import EmUnetError
-from em_unet.inference.serving import INPUT_NAME, OUTPUT_NAME, SIGNATURE, versions
+from em_unet.inference.serving import AFFINITIES_NAME, INPUT_NAME, OUTPUT_NAME, SIGNATURE, versions
 from em_unet.inference.tiling import TileGrid, Tiling
 from em_unet.io.stacks import iter_image_slices, stack_shape
-from em_unet.io.writers import check_output, check_output_space, open_output
+from em_unet.io.writers import check_output, check_output_space, open_output, output_kind
+from em_unet.segmentation.affinities import shifted
+from em_unet.segmentation.offsets import OFFSETS_ATTRIBUTE
 
 OUTPUT_KINDS = ("probability", "binary")
 
@@ -54,13 +57,15 @@ def resolve_model_path(path: str | Path) -> Path:
 
 
 def load_predictor(path: str | Path) -> Callable[[np.ndarray], np.ndarray]:
-    """A function from float32 ``(n, h, w, 1)`` tiles to membrane probabilities of the same shape.
+    """A function from float32 ``(n, h, w, 1)`` tiles to the model's outputs ``(n, h, w, c)``: channel 0 the
+    membrane probability, then an affinity U-Net's affinities, for the offsets in the function's
+    ``affinity_offsets`` attribute (``()`` for a boundary U-Net).
 
     Raises a one-line :class:`EmUnetError` naming the path and the cause for a missing, corrupt or
     foreign model (see :func:`_load`).
     """
     path = resolve_model_path(path)
-    predictor = _load(path)
+    predictor, offsets = _load(path)
 
     def checked(tiles: np.ndarray) -> np.ndarray:
         try:
@@ -76,6 +81,7 @@ def load_predictor(path: str | Path) -> Callable[[np.ndarray], np.ndarray]:
                 "choose a --tile that is a multiple of 2**depth"
             ) from None
 
+    checked.affinity_offsets = offsets
     return checked
 
 
@@ -124,7 +130,9 @@ def load_keras_model(path: Path) -> Any:
 
 
 def load_saved_model(path: Path):
-    """em-unet's serving signature of a SavedModel folder, or a one-line error saying why there is none."""
+    """em-unet's serving signature of a SavedModel folder as a predictor (see :func:`load_predictor`) and the
+    affinity offsets of its ``affinities`` output (``()`` without one), or a one-line error saying why there is
+    none."""
     import tensorflow as tf  # lazy: TensorFlow only where a model runs
 
     graph = path / "saved_model.pb"
@@ -157,19 +165,37 @@ def load_saved_model(path: Path):
             f"{path}: the {SIGNATURE} signature takes {inputs} and returns {outputs}; em-unet needs "
             f"input {INPUT_NAME!r} and output {OUTPUT_NAME!r}"
         )
-    # the loaded object owns the variables the signature reads: keep it alive with the signature
-    return lambda tiles, _keep=loaded: signature(**{INPUT_NAME: tf.constant(tiles)})[OUTPUT_NAME].numpy()
+    offsets = tuple(map(tuple, loaded.affinity_offsets[0].numpy().tolist())) if AFFINITIES_NAME in outputs else ()
+
+    def predict(tiles, _keep=loaded):  # the loaded object owns the variables the signature reads: keep it alive
+        outputs = signature(**{INPUT_NAME: tf.constant(tiles)})
+        if not offsets:
+            return outputs[OUTPUT_NAME].numpy()
+        return np.concatenate([outputs[OUTPUT_NAME].numpy(), outputs[AFFINITIES_NAME].numpy()], axis=-1)
+
+    return predict, offsets
+
+
+def affinity_offsets_of(model) -> tuple[tuple[int, int], ...]:
+    """The affinity offsets a Keras U-Net predicts after its membrane channel: its output layer's (an
+    ``AffinityHead``, which keeps them), or none for a boundary U-Net."""
+    for layer in getattr(model, "layers", ()):
+        offsets = getattr(layer, "affinity_offsets", None) or affinity_offsets_of(layer)
+        if offsets:
+            return tuple(tuple(offset) for offset in offsets)
+    return ()
 
 
 def _load(path: Path):
-    """A predictor from a resolved model path (see :func:`resolve_model_path`); one-line errors for
-    files that are not loadable models."""
+    """A predictor and its affinity offsets from a resolved model path (see :func:`resolve_model_path`);
+    one-line errors for files that are not loadable models."""
     from em_unet.inference import package  # lazy: the package module imports this one
 
     if package.is_package(path):
-        return package.package_predictor(path)
+        return package.package_predictor(path), ()
     if path.suffix == ".keras":
-        return keras_predictor(load_keras_model(path))
+        model = load_keras_model(path)
+        return keras_predictor(model), affinity_offsets_of(model)
     return load_saved_model(path)
 
 
@@ -183,12 +209,71 @@ def _dihedral(tiles: np.ndarray, k: int, inverse: bool = False) -> np.ndarray:
     return tiles[:, :, ::-1] if flip else tiles
 
 
+def _turned_offset(offset: tuple[int, int], k: int) -> tuple[int, int]:
+    """Where an offset between two pixels of view ``k`` points once the view is turned back (the inverse of
+    :func:`_dihedral`), found by turning back an image that marks both pixels."""
+    reach = max(abs(v) for v in offset)
+    marks = np.zeros((1, 2 * reach + 1, 2 * reach + 1, 1))
+    marks[0, reach, reach, 0], marks[0, reach + offset[0], reach + offset[1], 0] = 1, 2
+    back = _dihedral(marks, k, inverse=True)[0, ..., 0]
+    (y1, x1), (y2, x2) = np.argwhere(back == 1)[0], np.argwhere(back == 2)[0]
+    return int(y2 - y1), int(x2 - x1)
+
+
+def view_channels(offsets, k: int) -> list[tuple[int, int]]:
+    """For each affinity channel i (offset o_i) of an image, the channel j of the model's output on view ``k``
+    that holds it once turned back, and its sign: +1 when channel j turned back pairs p with p + o_i, -1 when it
+    pairs p with p - o_i (then channel i at p is channel j at p + o_i). A one-line error when a turned offset
+    is not in the set (test-time augmentation needs offsets closed under flips and quarter turns, up to sign)."""
+    offsets = [tuple(o) for o in offsets]
+    found: dict[int, tuple[int, int]] = {}
+    for j, offset in enumerate(offsets):
+        turned = _turned_offset(offset, k)
+        negative = (-turned[0], -turned[1])
+        if turned in offsets:
+            found[offsets.index(turned)] = (j, 1)
+        elif negative in offsets:
+            found[offsets.index(negative)] = (j, -1)
+        else:
+            raise EmUnetError(
+                f"--tta: affinity offset {offset[0]},{offset[1]} turns into {turned[0]},{turned[1]}, which is not "
+                "among the model's offsets (nor its negative): TTA needs offsets closed under flips and quarter "
+                "turns; predict without --tta"
+            )
+    return [found[i] for i in range(len(offsets))]
+
+
+def _turned_back(output: np.ndarray, k: int, offsets) -> tuple[np.ndarray, np.ndarray | None]:
+    """One view's output ``(h, w, 1 + offsets)`` turned back to the image, its affinity channels put where the
+    image's offsets are (:func:`view_channels`), and where each value is known (None: everywhere; a channel
+    moved by its offset is unknown where p + o_i leaves the tile)."""
+    back = _dihedral(output[None], k, inverse=True)[0]
+    if not offsets or k == 0:
+        return back, None
+    values, known = np.empty_like(back), np.ones(back.shape, bool)
+    values[..., 0] = back[..., 0]
+    for i, (j, sign) in enumerate(view_channels(offsets, k)):
+        if sign > 0:
+            values[..., 1 + i] = back[..., 1 + j]
+        else:
+            values[..., 1 + i] = shifted(back[..., 1 + j], offsets[i], 0.0)
+            known[..., 1 + i] = shifted(np.ones(back.shape[:2], bool), offsets[i], False)
+    return values, known
+
+
 class _Blend:
     """The weighted sum of the tiles of ``grid`` that reach into ``region`` (y0, y1, x0, x1 of the slice,
     pixels), read through ``read_padded`` (see :func:`predict_regions`); each tile comes back as ``views``
-    outputs (8 with test-time augmentation)."""
+    outputs (8 with test-time augmentation) of ``channels`` channels."""
 
-    def __init__(self, read_padded: Callable[[int, int, int, int], np.ndarray], grid: TileGrid, region, views: int):
+    def __init__(
+        self,
+        read_padded: Callable[[int, int, int, int], np.ndarray],
+        grid: TileGrid,
+        region,
+        views: int,
+        channels: int = 1,
+    ):
         self.grid, self.region = grid, region
         self.origins = grid.origins(region)
         self.top = min(r for r, _ in self.origins)
@@ -196,8 +281,8 @@ class _Blend:
         bottom = max(r for r, _ in self.origins) + grid.tile_h
         right = max(c for _, c in self.origins) + grid.tile_w
         self.padded = read_padded(self.top, bottom, self.left, right)
-        self.window = grid.weight(views)
-        self.total = np.zeros((bottom - self.top, right - self.left), np.float32)
+        self.window = grid.weight(views)[..., None]
+        self.total = np.zeros((bottom - self.top, right - self.left, channels), np.float32)
         self.weight = np.zeros_like(self.total)
         self.waiting = len(self.origins) * views  # tile outputs not yet added
 
@@ -205,10 +290,12 @@ class _Blend:
         r, c = origin[0] - self.top, origin[1] - self.left
         return self.padded[r : r + self.grid.tile_h, c : c + self.grid.tile_w]
 
-    def add(self, origin: tuple[int, int], probability: np.ndarray) -> None:
+    def add(self, origin: tuple[int, int], output: np.ndarray, known: np.ndarray | None = None) -> None:
+        """Add one tile's ``output`` (h, w, channels), weighted by the tile's window (and 0 where not ``known``)."""
         r, c = origin[0] - self.top, origin[1] - self.left
-        self.total[r : r + self.grid.tile_h, c : c + self.grid.tile_w] += probability * self.window
-        self.weight[r : r + self.grid.tile_h, c : c + self.grid.tile_w] += self.window
+        weight = self.window if known is None else self.window * known
+        self.total[r : r + self.grid.tile_h, c : c + self.grid.tile_w] += output * weight
+        self.weight[r : r + self.grid.tile_h, c : c + self.grid.tile_w] += np.broadcast_to(weight, output.shape)
         self.waiting -= 1
 
     def result(self) -> np.ndarray:
@@ -223,32 +310,42 @@ def predict_regions(
     regions: Iterable[tuple[Callable[[int, int, int, int], np.ndarray], TileGrid, tuple[int, int, int, int]]],
     tile_batch: int = PredictConfig.tile_batch,
     tta: bool = PredictConfig.tta,
+    channels: bool = False,
 ) -> Iterator[np.ndarray]:
-    """Membrane probability (float32) of each ``(read_padded, grid, region)`` of ``regions``, in order.
+    """Membrane probability (float32) of each ``(read_padded, grid, region)`` of ``regions``, in order; with
+    ``channels``, all the model's outputs ``(channels, h, w)`` (an affinity U-Net's affinities after the
+    membrane probability, for the offsets of the predictor's ``affinity_offsets``).
 
     ``region`` is (y0, y1, x0, x1) of one slice, pixels; it is predicted from the tiles of ``grid`` that
     reach into it, and ``read_padded(r0, r1, c0, c1)`` returns that window of the mirror-padded slice as
     float32 in [0, 1]. Tiles of successive regions share forward passes of up to ``tile_batch`` tiles (a
     stack of small slices runs several slices per pass); ``regions`` is read lazily, one batch ahead,
     so memory stays bounded for any number of regions. With ``tta`` each tile's 8 flips/rotations are
-    batched like tiles and their outputs averaged.
+    batched like tiles and their outputs averaged; affinity channels are turned with them (an offset turned
+    by a view is read from the channel that holds it there, :func:`view_channels`).
     """
     views = (0, 2, 4, 6, 1, 3, 5, 7) if tta else (0,)  # odd views turn a quarter: same shapes together
+    offsets = tuple(getattr(predictor, "affinity_offsets", ())) if channels else ()
+    if tta:
+        for k in views:
+            view_channels(offsets, k)  # a one-line error before any work
+    count = 1 + len(offsets) if channels else 1
     pending: list[_Blend] = []  # regions in order, the oldest first; each is yielded when complete
     batch: list[tuple[_Blend, tuple[int, int], int, tuple[int, int]]] = []  # (region, tile origin, view, shape)
 
     def run(batch):
         tiles = np.stack([_dihedral(blend.tile(origin)[None, ..., None], k)[0] for blend, origin, k, _ in batch])
         out = predictor(np.ascontiguousarray(tiles))
-        for (blend, origin, k, _), probability in zip(batch, out):
-            blend.add(origin, _dihedral(probability[None], k, inverse=True)[0, ..., 0])
+        for (blend, origin, k, _), output in zip(batch, out):
+            blend.add(origin, *_turned_back(output[..., :count], k, offsets))
 
     def finished():
         while pending and pending[0].waiting == 0:
-            yield pending.pop(0).result()
+            result = pending.pop(0).result()
+            yield np.moveaxis(result, -1, 0) if channels else result[..., 0]
 
     for read_padded, grid, region in regions:
-        blend = _Blend(read_padded, grid, region, len(views))
+        blend = _Blend(read_padded, grid, region, len(views), count)
         pending.append(blend)
         for origin in blend.origins:
             for k in views:
@@ -291,13 +388,15 @@ def predict_stack(
     tiling: Tiling = Tiling(),
     tta: bool = PredictConfig.tta,
     progress: bool = False,
+    channels: bool = False,
 ) -> Iterator[np.ndarray]:
     """Yield the membrane probability of each float32 slice in [0, 1] of ``images`` (an array or an
-    iterator), in order. Slices smaller than a tile share forward passes of ``tiling.tile_batch`` tiles."""
+    iterator), in order; with ``channels`` all the model's outputs ``(channels, y, x)`` (see
+    :func:`predict_regions`). Slices smaller than a tile share forward passes of ``tiling.tile_batch`` tiles."""
     regions = (_whole_slice(image, tiling) for image in images)
     total = len(images) if hasattr(images, "__len__") else None
     yield from tqdm(
-        predict_regions(predictor, regions, tiling.tile_batch, tta),
+        predict_regions(predictor, regions, tiling.tile_batch, tta, channels),
         desc="predicting",
         unit="slice",
         total=total,
@@ -324,6 +423,26 @@ def model_margin(model_path: str | Path, margin: int) -> int:
     return package.read_package(model_path).halo if package.is_package(model_path) else margin
 
 
+def affinity_attributes(offsets, model_path: str | Path) -> dict:
+    """What an affinity output records: its offsets (channel c pairs p with p + offset c) and the model."""
+    return {OFFSETS_ATTRIBUTE: [list(offset) for offset in offsets], "model": str(model_path)}
+
+
+def affinity_channel_names(offsets) -> list[str]:
+    return [f"affinity {dy},{dx}" for dy, dx in offsets]
+
+
+def check_affinity_model(predictor, model_path: str | Path) -> tuple:
+    """The offsets of an affinity U-Net's predictor, or a one-line error for a boundary U-Net."""
+    offsets = tuple(getattr(predictor, "affinity_offsets", ()))
+    if not offsets:
+        raise EmUnetError(
+            f"{model_path}: --affinities needs an affinity U-Net (trained with --target affinities); this model "
+            "predicts the membrane probability only"
+        )
+    return offsets
+
+
 def predict_file(
     model_path: str | Path,
     stack_path: str | Path,
@@ -334,19 +453,51 @@ def predict_file(
     isbi: bool = PredictConfig.isbi,
     overwrite: bool = PredictConfig.overwrite,
     progress: bool = True,
+    affinities_path: str | Path | None = None,
 ) -> Path:
     """Predict a stack file and write a TIFF stack that opens in Fiji.
 
     The output is float32 membrane probability; ``isbi`` writes 1 - probability
     (1 = cell interior, the ISBI 2012 submission convention); ``binary`` writes
     uint8 0/255 thresholded at 0.5 (255 = membrane, or cell interior with ``isbi``).
+    ``affinities_path``: also write an affinity U-Net's affinities there, float32, as a TIFF hyperstack
+    ``(z, c, y, x)`` with the offsets in its Info (:class:`~em_unet.io.writers.TiffChannelsWriter`).
     """
     check_output(output_path, overwrite)  # before the model loads: fail fast
-    check_output_space(output_path, stack_shape(stack_path), np.uint8 if binary else np.float32)
+    shape = stack_shape(stack_path)
+    check_output_space(output_path, shape, np.uint8 if binary else np.float32)
+    if affinities_path is not None:
+        if output_kind(affinities_path) != "tiff":
+            raise EmUnetError(
+                f"--affinities {affinities_path}: a chunked affinity output is predicted from a chunked input; "
+                "write a TIFF (.tif) for a TIFF input"
+            )
+        check_output(affinities_path, overwrite)
     predictor = load_predictor(model_path)
+    offsets = check_affinity_model(predictor, model_path) if affinities_path is not None else ()
+    if offsets:
+        check_output_space(affinities_path, (shape[0], len(offsets), *shape[1:]), np.float32)
     images = model_slices(model_path, stack_path)  # a bad stack fails inside open_output, which then leaves nothing
-    with open_output(output_path, dtype=np.uint8 if binary else np.float32, overwrite=overwrite) as writer:
-        for probability in predict_stack(predictor, images, tiling, tta, progress):
+    with contextlib.ExitStack() as outputs:
+        writer = outputs.enter_context(
+            open_output(output_path, dtype=np.uint8 if binary else np.float32, overwrite=overwrite)
+        )
+        affinity_writer = None
+        if offsets:
+            affinity_writer = outputs.enter_context(
+                open_output(
+                    affinities_path,
+                    dtype=np.float32,
+                    overwrite=overwrite,
+                    channels=len(offsets),
+                    attributes=affinity_attributes(offsets, model_path),
+                    channel_names=affinity_channel_names(offsets),
+                )
+            )
+        for outputs_of_slice in predict_stack(predictor, images, tiling, tta, progress, channels=bool(offsets)):
+            probability = outputs_of_slice[0] if offsets else outputs_of_slice
             value = 1.0 - probability if isbi else probability
             writer.write(np.where(value > 0.5, 255, 0) if binary else value)
+            if affinity_writer is not None:
+                affinity_writer.write(outputs_of_slice[1:])
     return Path(output_path)

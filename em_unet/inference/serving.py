@@ -1,6 +1,7 @@
 """TF Serving's layout, without TensorFlow: ``<models dir>/<model name>/<version>/`` holding a SavedModel
 whose ``serving_default`` signature takes ``image`` (float32 ``[batch, height, width, 1]`` in [0, 1]) and
-returns ``membrane_probability`` (float32, same shape). :mod:`.export` writes it, :mod:`.predict` reads it."""
+returns ``membrane_probability`` (float32, same shape), and for an affinity U-Net ``affinities`` (float32
+``[batch, height, width, offsets]``). :mod:`.export` writes it, :mod:`.predict` reads it."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 SIGNATURE = "serving_default"
 INPUT_NAME = "image"
 OUTPUT_NAME = "membrane_probability"
+AFFINITIES_NAME = "affinities"
 
 
 def _version_number(name: str) -> int | None:

@@ -25,6 +25,7 @@ smaller ``patch_size``.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections.abc import Iterator
@@ -309,6 +310,41 @@ def read_stack(path: str | Path) -> np.ndarray:
     if stack.size == 0:
         raise DataError(f"{path}: empty stack (shape {stack.shape})")
     return stack
+
+
+def is_channel_stack(path: str | Path) -> bool:
+    """Whether ``path`` is a multi-channel TIFF stack (an ImageJ hyperstack with a channel axis, as
+    :class:`~em_unet.io.writers.TiffChannelsWriter` writes affinity maps)."""
+    path = Path(path)
+    if path.suffix.lower() not in (".tif", ".tiff") or not path.is_file():
+        return False
+    try:
+        with tifffile.TiffFile(path) as tif:
+            return bool(tif.series) and "C" in tif.series[0].axes and tif.series[0].keyframe.samplesperpixel == 1
+    except (OSError, ValueError, tifffile.TiffFileError):
+        return False
+
+
+def read_channel_stack(path: str | Path) -> tuple[np.ndarray, dict]:
+    """A multi-channel TIFF stack as ``(z, c, y, x)`` in its stored dtype, and the attributes recorded as JSON in
+    its ImageJ Info (``{}`` without)."""
+    path = Path(path)
+    try:
+        with tifffile.TiffFile(path) as tif:
+            series = tif.series[0]
+            axes, stack = series.axes, series.asarray()
+            info = (tif.imagej_metadata or {}).get("Info")
+    except (OSError, ValueError, tifffile.TiffFileError) as err:
+        raise DataError(f"{path}: cannot read the TIFF ({type(err).__name__}: {err})") from None
+    if axes in ("CYX", "ZCYX"):
+        stack = stack if axes == "ZCYX" else stack[None]
+    else:
+        raise DataError(f"{path}: a multi-channel stack must have axes ZCYX or CYX, found {axes} (shape {stack.shape})")
+    try:
+        attributes = json.loads(info) if info else {}
+    except ValueError:
+        attributes = {}
+    return stack, attributes if isinstance(attributes, dict) else {}
 
 
 IMAGE_VALUES = "an EM image must hold finite intensities"

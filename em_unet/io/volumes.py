@@ -173,7 +173,8 @@ def _selection(index: Any, shape: tuple[int, ...]) -> tuple[tuple[slice, ...], t
 
 
 class Volume:
-    """A 3-D volume ``(z, y, x)`` in an HDF5 file or a Zarr store, read (and written) region by region.
+    """A 3-D volume ``(z, y, x)`` in an HDF5 file or a Zarr store, read (and written) region by region; or, opened
+    or created with channels, a 4-D one ``(c, z, y, x)`` (an affinity map: a channel per offset).
 
     ``volume[index]`` takes numpy basic indexing (integers, slices, ``...``) and returns a numpy array read
     from the chunks the region touches. ``volume[index] = values`` writes, for volumes opened with
@@ -186,9 +187,9 @@ class Volume:
     """
 
     address: str
-    shape: tuple[int, int, int]
+    shape: tuple[int, ...]
     dtype: np.dtype
-    chunks: tuple[int, int, int]
+    chunks: tuple[int, ...]
 
     def __init__(self, location: VolumeAddress, mode: str, address: str, array: Any, file: Any = None):
         """Wrap an opened, checked ``array`` (h5py Dataset or zarr Array); use :func:`open_volume`."""
@@ -197,6 +198,7 @@ class Volume:
         self._array = array
         self._file = file
         self._flat = array.ndim == 2  # a stored 2-D slice: z has size 1
+        self.channels = array.ndim == 4  # (c, z, y, x)
         self.address = address
         self.shape = (1, *array.shape) if self._flat else tuple(int(n) for n in array.shape)
         self.dtype = np.dtype(array.dtype)
@@ -204,8 +206,13 @@ class Volume:
 
     @property
     def ndim(self) -> int:
-        """Number of axes: always 3 (z, y, x)."""
-        return 3
+        """Number of axes: 3 (z, y, x), or 4 (c, z, y, x) for a volume with channels."""
+        return len(self.shape)
+
+    @property
+    def attributes(self) -> dict:
+        """The array's attributes (Zarr ``attributes`` / ``.zattrs``, HDF5 attributes), as plain values."""
+        return {key: _plain(value) for key, value in self._stored().attrs.items()}
 
     @property
     def writable(self) -> bool:
@@ -278,7 +285,7 @@ class Volume:
         self.close()
 
     def __reduce__(self):
-        return _reopen, (self._location, self._mode, self.address)
+        return _reopen, (self._location, self._mode, self.address, self.channels)
 
     def __repr__(self) -> str:
         shape, chunks, mode = self.shape, self.chunks, self._mode
@@ -286,8 +293,18 @@ class Volume:
 
 
 def _region_text(region: tuple[slice, ...]) -> str:
-    """A region as ``z 0-3, y 0-63, x 64-127`` (inclusive voxel indices)."""
-    return ", ".join(f"{axis} {part.start}-{part.stop - 1}" for axis, part in zip("zyx", region))
+    """A region as ``z 0-3, y 0-63, x 64-127`` (inclusive voxel indices; ``c`` first with channels)."""
+    axes = "czyx" if len(region) == 4 else "zyx"
+    return ", ".join(f"{axis} {part.start}-{part.stop - 1}" for axis, part in zip(axes, region))
+
+
+def _plain(value: Any) -> Any:
+    """An attribute value as JSON-like Python values (HDF5 gives numpy arrays and scalars)."""
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
 
 
 def _reason(err: Exception) -> str:
@@ -296,18 +313,18 @@ def _reason(err: Exception) -> str:
     return f"{type(err).__name__}: {message[0]}" if message else type(err).__name__
 
 
-def _reopen(location: VolumeAddress, mode: str, address: str) -> Volume:
+def _reopen(location: VolumeAddress, mode: str, address: str, channels: bool = False) -> Volume:
     """Open a volume again from what pickling kept (see :meth:`Volume.__reduce__`)."""
-    return _open(location, location.level, mode, address)
+    return _open(location, location.level, mode, address, channels)
 
 
-def _chunks(array: Any, shape: tuple[int, int, int]) -> tuple[int, int, int]:
-    """The storage unit of ``array`` in voxels (z, y, x), clipped to ``shape``."""
+def _chunks(array: Any, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The storage unit of ``array`` in voxels (z, y, x; or c, z, y, x), clipped to ``shape``."""
     stored = getattr(array, "shards", None) or getattr(array, "chunks", None)  # a Zarr shard is written whole
     if stored is None:  # contiguous HDF5: any region reads directly; one slice is a natural unit
         stored = shape[1:]
     stored = tuple(int(n) for n in stored)
-    if len(stored) == 2:
+    if len(stored) == len(shape) - 1:
         stored = (1, *stored)
     return tuple(max(1, min(n, size)) for n, size in zip(stored, shape))
 
@@ -332,13 +349,18 @@ def _check_dtype(shown: str, dtype: Any) -> np.dtype:
     return dtype
 
 
-def _check_array(shown: str, shape: tuple[int, ...] | None, dtype: Any, axes: list[str] | None = None) -> None:
-    """Refuse, with one line naming ``shown``, an array that cannot be a volume."""
+def _check_array(
+    shown: str, shape: tuple[int, ...] | None, dtype: Any, axes: list[str] | None = None, channels: bool = False
+) -> None:
+    """Refuse, with one line naming ``shown``, an array that cannot be a volume (with ``channels``: one that is
+    neither a volume nor a 4-D ``(c, z, y, x)`` one)."""
     if shape is None:
         raise DataError(f"{shown}: empty dataset (no shape): a volume needs (z, y, x) values")
     shape = tuple(int(n) for n in shape)
     named = f" (axes {', '.join(axes)})" if axes and len(axes) == len(shape) else ""
-    if len(shape) > 3:
+    if channels and len(shape) == 4:
+        pass
+    elif len(shape) > 3:
         raise DataError(
             f"{shown}: {len(shape)}-D array of shape {shape}{named}; em-unet reads 3-D (z, y, x) volumes or 2-D "
             "slices: save a single channel and time point (drop channel or time axes) as its own array"
@@ -351,7 +373,11 @@ def _check_array(shown: str, shape: tuple[int, ...] | None, dtype: Any, axes: li
 
 
 def open_volume(
-    address: str | Path | VolumeAddress, key: str | None = None, level: int | None = None, mode: str = "r"
+    address: str | Path | VolumeAddress,
+    key: str | None = None,
+    level: int | None = None,
+    mode: str = "r",
+    channels: bool = False,
 ) -> Volume:
     """Open the volume at ``address`` (see the module docstring); reads metadata only.
 
@@ -360,6 +386,7 @@ def open_volume(
         key: the dataset or array inside the file or store; replaces a key in ``address``.
         level: the resolution level of an OME-Zarr image (0: full resolution); None takes the address's.
         mode: ``"r"`` to read, ``"r+"`` to read and write.
+        channels: also open a 4-D ``(c, z, y, x)`` array (an affinity map).
 
     Raises :class:`DataError` with one line naming the file or key for a missing file, store, key or
     level, a group where an array is needed, an array that is not 2-D or 3-D, values that are not real
@@ -372,16 +399,16 @@ def open_volume(
         level = location.level
     elif level < 0:
         raise DataError(f"{location}: level {level} is negative; level 0 is full resolution")
-    return _open(location, level, mode, str(location))
+    return _open(location, level, mode, str(location), channels)
 
 
-def _open(location: VolumeAddress, level: int, mode: str, shown: str) -> Volume:
+def _open(location: VolumeAddress, level: int, mode: str, shown: str, channels: bool = False) -> Volume:
     if location.kind == "hdf5":
         if level:
             raise DataError(f"{shown}: HDF5 datasets have no resolution levels; drop level {level}")
-        volume = _open_hdf5(location, mode, shown)
+        volume = _open_hdf5(location, mode, shown, channels)
     else:
-        volume = _open_zarr(location, level, mode, shown)
+        volume = _open_zarr(location, level, mode, shown, channels)
     note = volume.unfinished if mode == "r" else None  # only the run that writes it (mode "r+") may open it
     if note:
         volume.close()
@@ -433,7 +460,7 @@ def _hdf5_filters_missing(dataset: Any) -> list[str]:
     return missing
 
 
-def _open_hdf5(location: VolumeAddress, mode: str, shown: str) -> Volume:
+def _open_hdf5(location: VolumeAddress, mode: str, shown: str, channels: bool = False) -> Volume:
     h5py = _h5py()
     path = location.path
     if not path.exists():
@@ -463,7 +490,7 @@ def _open_hdf5(location: VolumeAddress, mode: str, shown: str) -> Volume:
             found = f"datasets in it: {_listed(inside)}" if inside else "it holds no datasets"
             raise DataError(f"{path}: /{key} is a group, not a dataset ({found})")
         location = replace(location, key=key, level=0)
-        _check_array(shown, node.shape, node.dtype)
+        _check_array(shown, node.shape, node.dtype, channels=channels)
         missing = _hdf5_filters_missing(node)
         if missing:
             raise DataError(
@@ -517,7 +544,7 @@ def _zarr_images(group: Any) -> list[str]:
     )
 
 
-def _open_zarr(location: VolumeAddress, level: int, mode: str, shown: str) -> Volume:
+def _open_zarr(location: VolumeAddress, level: int, mode: str, shown: str, channels: bool = False) -> Volume:
     zarr = _zarr()
     path = location.path
     if not path.exists():
@@ -554,7 +581,7 @@ def _open_zarr(location: VolumeAddress, level: int, mode: str, shown: str) -> Vo
         raise DataError(f"{shown} is an array, not a multiscale image: it has no level {level}")
     else:
         axes = node.metadata.dimension_names if node.metadata.zarr_format == 3 else None
-    _check_array(shown, node.shape, node.dtype, list(axes) if axes and all(axes) else None)
+    _check_array(shown, node.shape, node.dtype, list(axes) if axes and all(axes) else None, channels)
     return Volume(VolumeAddress(Path(os.path.abspath(path)), key, location.kind), mode, shown, node)
 
 
@@ -609,6 +636,8 @@ def create_volume(
     key: str | None = None,
     overwrite: bool = False,
     zarr_format: int = 3,
+    channels: int = 0,
+    attributes: dict | None = None,
 ) -> Volume:
     """Create an empty (zero-filled) volume and return it opened for writing (``mode="r+"``).
 
@@ -625,6 +654,9 @@ def create_volume(
         key: the dataset or image group inside the file or store; replaces a key in ``address``.
         overwrite: replace an existing array (or image) at the key; other arrays are never touched.
         zarr_format: 2 or 3, for Zarr outputs.
+        channels: > 0 makes a 4-D volume ``(c, z, y, x)`` of that many channels (axis ``c``, type
+            ``channel``, in OME-Zarr), each chunk holding all channels.
+        attributes: written into the array's attributes (e.g. an affinity map's offsets).
 
     Raises :class:`DataError` with one line for an existing array without ``overwrite``, a key below an
     array, a location that cannot be written (a parent that is a file, a read-only or unwritable folder),
@@ -642,11 +674,17 @@ def create_volume(
         raise DataError(f"{shown}: chunks {chunks} must be at least 1 voxel along z, y and x")
     chunks = tuple(min(c, s) for c, s in zip(chunks, shape))
     dtype = _check_dtype(shown, dtype)
+    if channels:
+        shape, chunks = (int(channels), *shape), (int(channels), *chunks)
     if location.kind == "hdf5":
-        return _create_hdf5(location, shape, dtype, chunks, overwrite)
-    if zarr_format not in ZARR_FORMATS:
-        raise ValueError(f"zarr_format must be 2 or 3, got {zarr_format!r}")
-    return _create_zarr(location, shape, dtype, chunks, overwrite, zarr_format)
+        volume = _create_hdf5(location, shape, dtype, chunks, overwrite)
+    else:
+        if zarr_format not in ZARR_FORMATS:
+            raise ValueError(f"zarr_format must be 2 or 3, got {zarr_format!r}")
+        volume = _create_zarr(location, shape, dtype, chunks, overwrite, zarr_format)
+    for name, value in (attributes or {}).items():
+        volume._stored().attrs[name] = value
+    return volume
 
 
 def _positive(shown: str, what: str, values: Any) -> tuple[int, int, int]:
@@ -708,7 +746,7 @@ def _create_hdf5(
             path.unlink(missing_ok=True)
         raise
     file.close()
-    return _open_hdf5(replace(location, path=Path(os.path.abspath(path))), "r+", str(location))
+    return _open_hdf5(replace(location, path=Path(os.path.abspath(path))), "r+", str(location), len(shape) == 4)
 
 
 def _hdf5_blocking_dataset(file: Any, key: str) -> str | None:
@@ -759,16 +797,16 @@ def _create_zarr(
             # OME-NGFF 0.4 wants "/" between chunk indices; Blosc is what Fiji and napari read in Zarr v2
             options = {"chunk_key_encoding": {"name": "v2", "separator": "/"}, "compressors": Blosc("zstd", 5)}
         else:
-            options = {"dimension_names": ("z", "y", "x")}
+            options = {"dimension_names": ("c", "z", "y", "x")[-len(shape) :]}
         group.create_array("0", shape=shape, dtype=dtype, chunks=chunks, fill_value=0, **options)
-        _write_multiscales(group, zarr_format)
+        _write_multiscales(group, zarr_format, channels=len(shape) == 4)
     except BaseException as err:
         if made:  # a store this call began: leave nothing half-written behind
             shutil.rmtree(path, ignore_errors=True)
         if isinstance(err, OSError):
             raise DataError(f"{shown}: cannot write ({err.strerror or err})") from None
         raise
-    return _open_zarr(replace(location, path=Path(os.path.abspath(path))), 0, "r+", shown)
+    return _open_zarr(replace(location, path=Path(os.path.abspath(path))), 0, "r+", shown, len(shape) == 4)
 
 
 def _existing_root(path: Path, key: str | None, zarr_format: int, overwrite: bool) -> Any:
@@ -877,8 +915,9 @@ def _name_image(location: VolumeAddress, array: Any, unfinished: bool) -> None:
         group.attrs["multiscales"] = multiscales
 
 
-def _write_multiscales(group: Any, zarr_format: int) -> None:
-    """OME-NGFF multiscales metadata (0.4 in Zarr v2, 0.5 in Zarr v3) for the single level ``0`` of ``group``."""
+def _write_multiscales(group: Any, zarr_format: int, channels: bool = False) -> None:
+    """OME-NGFF multiscales metadata (0.4 in Zarr v2, 0.5 in Zarr v3) for the single level ``0`` of ``group``
+    (axes z, y, x; with ``channels`` c, z, y, x)."""
     try:
         # lazy: ome-zarr's import takes over a second, for metadata written once per output
         from ome_zarr.format import FormatV04, FormatV05
@@ -889,8 +928,8 @@ def _write_multiscales(group: Any, zarr_format: int) -> None:
         ) from None
     write_multiscales_metadata(
         group,
-        datasets=[{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [1.0, 1.0, 1.0]}]}],
+        datasets=[{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [1.0] * (3 + channels)}]}],
         fmt=FormatV04() if zarr_format == 2 else FormatV05(),
-        axes=[{"name": name, "type": "space"} for name in ("z", "y", "x")],
+        axes=[{"name": "c", "type": "channel"}] * channels + [{"name": name, "type": "space"} for name in "zyx"],
         name=group.basename or "image",
     )

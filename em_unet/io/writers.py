@@ -89,6 +89,27 @@ class TiffStackWriter:
             self._tiff.write(section, contiguous=True, software=self._software)
 
 
+class TiffChannelsWriter:
+    """Slices ``(c, y, x)`` of a multi-channel TIFF stack (an affinity map), gathered and written as one ImageJ
+    hyperstack ``(z, c, y, x)`` when the output is finished (ImageJ's hyperstack header must know the shape), with
+    ``attributes`` as JSON in its Info (Fiji: Image > Show Info) and the channel names as its labels. Memory
+    holds the whole stack: write large affinity maps as chunked volumes."""
+
+    def __init__(self, path: Path, dtype: np.dtype, attributes: dict, channel_names: list[str]):
+        self.path, self.dtype, self.attributes, self.channel_names = path, dtype, attributes, channel_names
+        self.sections: list[np.ndarray] = []
+
+    def write(self, values: np.ndarray) -> None:
+        """Append one ``(c, y, x)`` slice (or a ``(z, c, y, x)`` run of slices)."""
+        values = np.asarray(values, self.dtype)
+        self.sections.extend(values.reshape(-1, *values.shape[-3:]))
+
+    def finish(self, tiff: tifffile.TiffWriter, software: str | None) -> None:
+        stack = np.stack(self.sections)
+        metadata = {"axes": "ZCYX", "Info": json.dumps(self.attributes), "Labels": self.channel_names * len(stack)}
+        tiff.write(stack, metadata=metadata, software=software)
+
+
 # ---------------------------------------------------------------- chunked volumes and their resume markers
 
 
@@ -168,6 +189,8 @@ def volume_output(
     record: dict,
     overwrite: bool = False,
     pieces: tuple[int, str] = (0, "pieces"),
+    channels: int = 0,
+    attributes: dict | None = None,
 ) -> Iterator[tuple[Volume, ResumeMarkers]]:
     """A chunked output and its :class:`ResumeMarkers`: new, or the one an unfinished run of the same
     ``record`` left (resumed), held under the output's lock (:func:`~em_unet.io.files.exclusive`).
@@ -176,20 +199,25 @@ def volume_output(
     so no em-unet command reads it as a result. When the block ends without error the mark and the markers
     go (the output is complete). When it fails before any piece is marked done, the output and markers this
     call created go too; after that, the error gets a note (``__notes__``) saying how many of ``pieces``
-    (count, unit) are done, that the same command resumes, and where the workers' log is."""
+    (count, unit) are done, that the same command resumes, and where the workers' log is. ``channels`` > 0
+    makes a ``(c, z, y, x)`` volume (see :func:`~em_unet.io.volumes.create_volume`), ``attributes`` go into
+    the array's attributes."""
     path = parse_address(address).path
+    full_shape = ((channels,) if channels else ()) + tuple(shape)
     with exclusive(path, "this output"):
         markers = check_volume_output(address, record, overwrite)
-        check_output_space(address, shape, dtype)
+        check_output_space(address, full_shape, dtype)
         existed = path.exists()
         try:
             if markers.recorded() is not None and not overwrite:
-                volume = open_volume(address, mode="r+")
-                if tuple(volume.shape) != tuple(shape):
-                    raise EmUnetError(f"{address}: shape {volume.shape} differs from the input's {shape}")
+                volume = open_volume(address, mode="r+", channels=bool(channels))
+                if tuple(volume.shape) != full_shape:
+                    raise EmUnetError(f"{address}: shape {volume.shape} differs from the input's {full_shape}")
             else:
                 markers.remove()
-                volume = create_volume(address, shape, dtype, chunks, overwrite=overwrite)
+                volume = create_volume(
+                    address, shape, dtype, chunks, overwrite=overwrite, channels=channels, attributes=attributes
+                )
                 markers.start(record)
             volume.mark_unfinished(
                 f"written by {record.get('command', 'em-unet')}, which has not finished; rerun that command to "
@@ -231,19 +259,26 @@ def open_output(
     software: str | None = None,
     overwrite: bool = False,
     pieces: tuple[int, str] = (0, "pieces"),
-) -> Iterator[TiffStackWriter | tuple[Volume, ResumeMarkers]]:
+    channels: int = 0,
+    attributes: dict | None = None,
+    channel_names: list[str] | None = None,
+) -> Iterator[TiffStackWriter | TiffChannelsWriter | tuple[Volume, ResumeMarkers]]:
     """Open an output at ``address`` for writing; it is complete when the block ends without error.
 
     TIFF: yields a :class:`TiffStackWriter` (slices in order, converted to ``dtype``; ``sidecar`` written
     as ``OUT.json`` beside it; ``software`` in the TIFF's Software tag). Chunked volume: yields the
     volume and its :class:`ResumeMarkers` (``shape``, ``dtype``, ``chunks`` and ``record`` required;
     ``pieces``: how many pieces the run marks done, and their unit; see :func:`volume_output`).
+    ``channels`` > 0: a multi-channel output (an affinity map) with ``attributes`` (JSON-like) recorded in it:
+    a :class:`TiffChannelsWriter` (``channel_names`` label its channels) or a ``(c, z, y, x)`` volume.
     Either way the output is locked against other processes while the block runs.
     """
     if output_kind(address) == "volume":
         if shape is None or dtype is None or chunks is None or record is None:
             raise ValueError("a chunked output needs shape, dtype, chunks and record")
-        with volume_output(str(address), shape, dtype, chunks, record, overwrite, pieces) as opened:
+        with volume_output(
+            str(address), shape, dtype, chunks, record, overwrite, pieces, channels, attributes
+        ) as opened:
             yield opened
         return
     path = Path(address)
@@ -254,6 +289,11 @@ def open_output(
         json_tmp = stack.enter_context(atomic_output(sidecar_path(path), overwrite)) if sidecar is not None else None
         tiff_tmp = stack.enter_context(atomic_output(path, overwrite))
         with tifffile.TiffWriter(tiff_tmp, imagej=imagej) as tiff:
-            yield TiffStackWriter(tiff, path, dtype, software)
+            if channels:
+                writer = TiffChannelsWriter(path, dtype or np.dtype(np.float32), attributes or {}, channel_names or [])
+                yield writer
+                writer.finish(tiff, software)
+            else:
+                yield TiffStackWriter(tiff, path, dtype, software)
         if json_tmp is not None:
             json_tmp.write_text(json.dumps(sidecar, indent=2))

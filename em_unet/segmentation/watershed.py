@@ -153,15 +153,21 @@ def warn_single_segments(counts: list[int], source: str) -> None:
 
 
 def write_segments(
-    path: str | Path, labels: np.ndarray, params: SegmentParams, source: str, overwrite: bool = False
+    path: str | Path,
+    labels: np.ndarray,
+    params: Settings,
+    source: str,
+    overwrite: bool = False,
+    source_kind: str = "membrane_probability",
 ) -> tuple[Path, Path]:
     """Write labels as a TIFF stack that opens in Fiji (uint16 where the labels fit, else uint32) and
-    the parameters beside it as ``<name>.json``; both or neither."""
+    the parameters beside it as ``<name>.json`` (``source`` under ``source_kind``: what was segmented); both or
+    neither."""
     path = Path(path)
     dtype = label_dtype(int(labels.max(initial=0)))
     record = {
         "segment_params": asdict(params),
-        "membrane_probability": source,
+        source_kind: source,
         "labels": int(labels.max(initial=0)),
         "dtype": str(dtype),
         "em_unet_version": __version__,

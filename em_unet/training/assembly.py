@@ -10,6 +10,7 @@ notebook; nothing here writes files except the callbacks that record a run (:fun
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -26,18 +27,20 @@ from em_unet.config import TrainConfig
 from em_unet.errors import DataError, EmUnetError
 from em_unet.io.stacks import label_convention_of, load_labelled_stack, volume_intensity_range
 from em_unet.io.volumes import is_volume_address, open_volume
+from em_unet.segmentation.affinities import cell_ids
 from em_unet.training.augment import AugmentConfig, augment_batch, resolve_placement
 from em_unet.training.data import (
     LazyImages,
     LazyTargets,
+    as_channels_last,
     check_patch_size,
     split_slices,
     training_dataset,
     validation_dataset,
 )
 from em_unet.training.distribute import shardable
-from em_unet.training.keras_patches import multi_worker_fit
-from em_unet.training.losses import border_weight_map, get_loss, metrics
+from em_unet.training.keras_patches import averaged_weights, multi_worker_fit
+from em_unet.training.losses import border_weight_map, metrics, training_loss
 from em_unet.training.model import build_unet
 from em_unet.training.optimizers import learning_rate_schedule, make_optimizer
 
@@ -66,9 +69,14 @@ def prepare_data(config: TrainConfig) -> PreparedData:
     images, targets = load_labelled_stack(config.data, config.labels, config.label_convention)
     train_slices, val_slices = _split(config, len(images))
     check_patch_size(images.shape, config.patch_size)
+    membrane = targets
     if config.loss == "weighted_bce":
         weights = np.stack([border_weight_map(t) for t in targets])
         targets = np.stack([targets, weights], axis=-1)
+    if config.affinity_offsets():
+        cells = cell_ids(membrane)
+        check_interior(cells[train_slices], config.labels)
+        targets = np.concatenate([as_channels_last(targets), cells[..., None].astype(np.float32)], axis=-1)
     return PreparedData(
         images[train_slices], targets[train_slices], images[val_slices], targets[val_slices], train_slices, val_slices
     )
@@ -95,15 +103,28 @@ def _prepare_volumes(config: TrainConfig) -> PreparedData:
     convention = label_convention_of(values, config.label_convention, labels.address)
     train_slices, val_slices = _split(config, images.shape[0])
     check_patch_size(images.shape, config.patch_size)
-    weighted = config.loss == "weighted_bce"
+    weighted, cells = config.loss == "weighted_bce", bool(config.affinity_offsets())
+    train_targets = LazyTargets(labels, train_slices, convention, weighted, cells)
+    if cells:
+        check_interior([train_targets[i][..., -1] for i in range(len(train_slices))], config.labels)
     return PreparedData(
         LazyImages(images, train_slices, low, high),
-        LazyTargets(labels, train_slices, convention, weighted),
+        train_targets,
         LazyImages(images, val_slices, low, high),
-        LazyTargets(labels, val_slices, convention, weighted),
+        LazyTargets(labels, val_slices, convention, weighted, cells),
         train_slices,
         val_slices,
     )
+
+
+def check_interior(cells, labels: str) -> None:
+    """Refuse, for ``--target affinities``, training labels without a cell interior: no pair of pixels in the
+    same cell, so the affinities would learn only 0 (``cells``: cell ids of each training slice)."""
+    if not any(np.any(slice_cells > 0) for slice_cells in cells):
+        raise DataError(
+            f"{labels}: the training slices' labels have no cell interior (every pixel is membrane), so there are "
+            "no affinities to learn: check the labels and --label-convention, or train --target boundary"
+        )
 
 
 def _split(config: TrainConfig, n_slices: int) -> tuple[np.ndarray, np.ndarray]:
@@ -179,11 +200,14 @@ class StepAugmentedModel(keras.Model):
 def build_model(config: TrainConfig, steps: int, placement: str) -> tuple[keras.Model, keras.Model]:
     """The compiled model to fit and the U-Net inside it (the same object unless augmentation runs in the
     training step). Call it inside the strategy's scope (KerasTuner does that for its ``build``)."""
-    unet = build_unet(config.depth, config.base_filters, batch_norm=config.batch_norm)
+    offsets = config.affinity_offsets()
+    unet = build_unet(config.depth, config.base_filters, batch_norm=config.batch_norm, affinity_offsets=offsets)
     model = StepAugmentedModel(unet, config.augment_config(), config.seed) if placement == "step" else unet
     rate = learning_rate_schedule(config.learning_rate, config.lr_schedule, steps * config.epochs)
     model.compile(
-        optimizer=make_optimizer(config.optimizer, rate, config.momentum), loss=get_loss(config.loss), metrics=metrics()
+        optimizer=make_optimizer(config.optimizer, rate, config.momentum, config.ema),
+        loss=training_loss(config.loss, offsets),
+        metrics=metrics(),
     )
     return model, unet
 
@@ -271,6 +295,8 @@ def run_callbacks(
     ``past_val_losses``: the ``val_loss`` of each epoch a resumed run has trained already (None where an epoch
     was not validated), so early stopping counts on from where the interrupted run was."""
     callbacks: list[keras.callbacks.Callback] = [keras.callbacks.TerminateOnNaN()]
+    if config.ema:  # validate the averaged weights: early stopping and best.keras judge what is kept
+        callbacks.append(keras.callbacks.SwapEMAWeights())
     if config.early_stopping:  # Keras counts patience in validations: epochs without val_loss are skipped
         patience = math.ceil(config.early_stopping / config.val_every)
         callbacks.append(ValidatedEarlyStopping(monitor="val_loss", patience=patience, past=past_val_losses))
@@ -282,14 +308,15 @@ def run_callbacks(
 
 
 def record_callbacks(
-    run_dir: Path, unet: keras.Model, best: float = np.inf, append: bool = False
+    run_dir: Path, unet: keras.Model, best: float = np.inf, append: bool = False, averaged: bool = False
 ) -> list[keras.callbacks.Callback]:
     """What a run leaves in ``run_dir``: TensorBoard events, ``best.keras`` (the U-Net at its best
-    ``val_loss``) and ``history.csv``. A resumed run passes the ``best`` val_loss so far and ``append``s to
-    its history.csv (cut at the epoch it resumes from) and TensorBoard curves."""
+    ``val_loss``; with ``averaged``, its averaged weights, ``--ema``) and ``history.csv``. A resumed run passes
+    the ``best`` val_loss so far and ``append``s to its history.csv (cut at the epoch it resumes from) and
+    TensorBoard curves."""
     return [
         FlushedTensorBoard(log_dir=str(run_dir)),
-        BestUnetCheckpoint(unet, run_dir / "best.keras", best=best),
+        BestUnetCheckpoint(unet, run_dir / "best.keras", best=best, averaged=averaged),
         HistoryCSV(str(run_dir / "history.csv"), append=append),
     ]
 
@@ -370,15 +397,17 @@ class TimeLimit(keras.callbacks.Callback):
 
 
 class BestUnetCheckpoint(keras.callbacks.Callback):
-    """Saves the U-Net itself (not a training wrapper around it) whenever ``val_loss`` improves.
+    """Saves the U-Net itself (not a training wrapper around it) whenever ``val_loss`` improves; with
+    ``averaged``, its optimizer's moving average of the weights (``--ema``, validated by Keras'
+    ``SwapEMAWeights``).
 
     Written to a temporary name and renamed, so a full disk or a kill never leaves a truncated
     ``best.keras``: the previous best stays until the new one is complete.
     """
 
-    def __init__(self, unet: keras.Model, path: str | Path, best: float = np.inf):
+    def __init__(self, unet: keras.Model, path: str | Path, best: float = np.inf, averaged: bool = False):
         super().__init__()
-        self.unet, self.path, self.best = unet, Path(path), best
+        self.unet, self.path, self.best, self.averaged = unet, Path(path), best, averaged
 
     def on_epoch_end(self, epoch, logs=None):
         loss = (logs or {}).get("val_loss", np.inf)
@@ -386,7 +415,8 @@ class BestUnetCheckpoint(keras.callbacks.Callback):
             self.best = loss
             partial = self.path.with_name(f".{self.path.stem}.partial.keras")
             try:
-                self.unet.save(partial)
+                with averaged_weights(self.model) if self.averaged else contextlib.nullcontext():
+                    self.unet.save(partial)
                 os.replace(partial, self.path)
             finally:
                 partial.unlink(missing_ok=True)

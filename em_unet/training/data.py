@@ -11,6 +11,7 @@ import tensorflow as tf
 
 from em_unet.errors import DataError
 from em_unet.io.stacks import MEMBRANE_VALUE, scale_to_unit
+from em_unet.segmentation.affinities import cell_ids
 from em_unet.training.augment import RNG, AugmentConfig, augment_batch
 from em_unet.training.losses import border_weight_map
 
@@ -34,13 +35,16 @@ class LazyImages:
 
 
 class LazyTargets:
-    """Training targets (1 = membrane; with ``weighted`` the border weight map as channel 1, computed per
-    region) of some slices of a chunked label volume, read on demand like :class:`LazyImages`."""
+    """Training targets (1 = membrane; with ``weighted`` the border weight map as channel 1; with ``cells`` the
+    cell ids as the last channel: both computed per region read) of some slices of a chunked label volume, read
+    on demand like :class:`LazyImages`. Cells are numbered within the region read, so a cell that leaves it and
+    comes back counts as two there (the whole slice of a large volume is not read for one crop)."""
 
-    def __init__(self, volume, slices: np.ndarray, convention: str, weighted: bool = False):
-        self.volume, self.slices, self.weighted = volume, np.asarray(slices), weighted
+    def __init__(self, volume, slices: np.ndarray, convention: str, weighted: bool = False, cells: bool = False):
+        self.volume, self.slices, self.weighted, self.cells = volume, np.asarray(slices), weighted, cells
         self.membrane = MEMBRANE_VALUE[convention]
-        self.shape = (len(self.slices), *volume.shape[1:]) + ((2,) if weighted else ())
+        channels = 1 + weighted + cells
+        self.shape = (len(self.slices), *volume.shape[1:]) + ((channels,) if channels > 1 else ())
         self.ndim = len(self.shape)
 
     def __len__(self) -> int:
@@ -49,9 +53,12 @@ class LazyTargets:
     def __getitem__(self, index):
         z, *rest = index if isinstance(index, tuple) else (index,)
         target = (self.volume[(int(self.slices[z]), *rest)] == self.membrane).astype(np.float32)
-        if not self.weighted:
-            return target
-        return np.stack([target, border_weight_map(target)], axis=-1)
+        channels = [target]
+        if self.weighted:
+            channels.append(border_weight_map(target))
+        if self.cells:
+            channels.append(cell_ids(target).astype(np.float32))
+        return channels[0] if len(channels) == 1 else np.stack(channels, axis=-1)
 
 
 def _read_crops(images, targets, patch_size: int):
@@ -109,7 +116,8 @@ def split_slices(
 # ---------------------------------------------------------------- tf.data
 
 
-def _as_channels_last(array: np.ndarray) -> np.ndarray:
+def as_channels_last(array: np.ndarray) -> np.ndarray:
+    """``(z, y, x)`` -> ``(z, y, x, 1)``; arrays with a channel axis as they are."""
     return array[..., None] if array.ndim == 3 else array
 
 
@@ -162,8 +170,8 @@ def training_dataset(
         return draw[0] % n_slices, draw[1] % (height - patch_size + 1), draw[2] % (width - patch_size + 1)
 
     if isinstance(images, np.ndarray):
-        image_stack = tf.constant(_as_channels_last(images), tf.float32)
-        target_stack = tf.constant(_as_channels_last(targets), tf.float32)
+        image_stack = tf.constant(as_channels_last(images), tf.float32)
+        target_stack = tf.constant(as_channels_last(targets), tf.float32)
 
         def crop(index):
             z, row, col = origin(index)
@@ -208,8 +216,8 @@ def validation_dataset(
         origins = tf.data.Dataset.from_tensor_slices(np.array(crops, np.int64))
         dataset = origins.map(lambda o: _read_crops(images, targets, patch_size)(o[0], o[1], o[2]))
         return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
-    images = _as_channels_last(images)
-    targets = _as_channels_last(targets)
+    images = as_channels_last(images)
+    targets = as_channels_last(targets)
     image_crops = np.stack([images[z, r : r + patch_size, c : c + patch_size] for z, r, c in crops])
     target_crops = np.stack([targets[z, r : r + patch_size, c : c + patch_size] for z, r, c in crops])
     return tf.data.Dataset.from_tensor_slices((image_crops, target_crops)).batch(batch_size).prefetch(tf.data.AUTOTUNE)

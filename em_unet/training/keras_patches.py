@@ -1,4 +1,11 @@
-"""The one place em-unet changes Keras' private internals, and only inside the fit that needs it.
+"""The one place em-unet changes or reads Keras' private internals, and only where it needs to.
+
+Weight averaging (``--ema``): Keras' optimizers keep the moving average of the weights (``use_ema``) and
+its public ``SwapEMAWeights`` callback swaps them in for validation, but nothing public saves the average
+between epochs without disturbing the training state. :func:`averaged_weights` puts the average into the
+model for the duration of a block (best.keras is saved inside it), reading the optimizer's private
+``_trainable_variables`` and ``_model_variables_moving_average`` (checked to exist, on the versions in
+``CHECKED_KERAS``).
 
 Keras 3's ``fit`` fails under ``MultiWorkerMirroredStrategy`` twice (keras-team/keras#20585,
 tensorflow/tensorflow#72388, both open when this was written): it builds the model's state from the
@@ -38,6 +45,28 @@ def check_keras_version(version: str = keras.__version__) -> None:
 def _next_minor(version: str) -> str:
     major, minor = version.split(".")
     return f"{major}.{int(minor) + 1}"
+
+
+@contextlib.contextmanager
+def averaged_weights(model: keras.Model):
+    """Inside the block, ``model``'s trainable weights hold its optimizer's moving average of them (``use_ema``);
+    afterwards their own values again."""
+    optimizer = model.optimizer
+    variables = getattr(optimizer, "_trainable_variables", None)
+    averages = getattr(optimizer, "_model_variables_moving_average", None)
+    if not getattr(optimizer, "use_ema", False) or variables is None or averages is None:
+        raise EmUnetError(
+            f"--ema: this Keras {keras.__version__} optimizer keeps no moving average where em-unet reads it "
+            f"(checked on Keras {', '.join(CHECKED_KERAS)})"
+        )
+    own = [variable.numpy() for variable in variables]
+    for variable, average in zip(variables, averages):
+        variable.assign(average)
+    try:
+        yield
+    finally:
+        for variable, value in zip(variables, own):
+            variable.assign(value)
 
 
 @contextlib.contextmanager

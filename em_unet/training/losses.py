@@ -1,10 +1,13 @@
 """Losses and per-epoch metrics. Targets are ``(batch, h, w, c)``: channel 0 is the membrane
-target (1 = membrane); the border-weighted loss reads its weight map from channel 1."""
+target (1 = membrane); the border-weighted loss reads its weight map from channel 1; an affinity U-Net's
+loss reads cell ids from the last channel. Predictions: channel 0 is the membrane probability, the
+channels after it an affinity U-Net's affinities."""
 
 from __future__ import annotations
 
 import keras
 import numpy as np
+import tensorflow as tf
 from keras import ops
 from scipy import ndimage
 from skimage.measure import label
@@ -58,15 +61,55 @@ def get_loss(name: str):
     return LOSSES[name]
 
 
+def affinity_targets(cells, offsets):
+    """Affinity targets and their mask of a batch of cell-id crops ``(batch, h, w)`` (0 = membrane; ids travel
+    through augmentation as a nearest-neighbour mask channel): ``(targets, inside)``, each float32
+    ``(batch, h, w, offsets)``. Target 1 where pixel p and p + (dy, dx) have the same non-zero id; ``inside``
+    is 0 where p + (dy, dx) leaves the crop (no pair to learn). NumPy's reference:
+    :func:`em_unet.segmentation.affinities.affinities_from_cells`."""
+    cells = tf.cast(tf.round(tf.cast(cells, tf.float32)), tf.int32)
+    reach = max(max(abs(dy), abs(dx)) for dy, dx in offsets)
+    padded = tf.pad(cells, [[0, 0], [reach, reach], [reach, reach]], constant_values=-1)
+    height, width = tf.shape(cells)[1], tf.shape(cells)[2]
+    targets, inside = [], []
+    for dy, dx in offsets:
+        other = padded[:, reach + dy : reach + dy + height, reach + dx : reach + dx + width]
+        targets.append(tf.logical_and(cells > 0, tf.equal(cells, other)))
+        inside.append(other >= 0)
+    return tf.cast(tf.stack(targets, -1), tf.float32), tf.cast(tf.stack(inside, -1), tf.float32)
+
+
+def training_loss(name: str, affinity_offsets=()):
+    """The loss ``--loss`` names, of the membrane channel; with ``affinity_offsets`` plus the binary
+    cross-entropy of the affinity channels (output channels 1...) against :func:`affinity_targets` of the cell
+    ids in the targets' last channel, averaged over the pairs inside the crop."""
+    membrane_loss = get_loss(name)
+    if not affinity_offsets:
+        return membrane_loss
+    offsets = tuple(tuple(offset) for offset in affinity_offsets)
+
+    def loss(y_true, y_pred):
+        membrane = membrane_loss(y_true[..., :-1], y_pred[..., :1])
+        targets, inside = affinity_targets(y_true[..., -1], offsets)
+        predicted = ops.clip(ops.cast(y_pred[..., 1:], "float32"), 1e-7, 1.0 - 1e-7)
+        pixel = -(targets * ops.log(predicted) + (1.0 - targets) * ops.log(1.0 - predicted)) * inside
+        pairs = ops.maximum(ops.sum(inside, axis=(1, 2, 3)), 1.0)
+        return membrane + ops.sum(pixel, axis=(1, 2, 3)) / pairs
+
+    loss.__name__ = f"{name}_and_affinities"
+    return loss
+
+
 def pixel_accuracy(y_true, y_pred):
     """Fraction of pixels whose thresholded (0.5) prediction equals the membrane target."""
     y_true = ops.cast(_membrane(y_true), "float32")
+    y_pred = _membrane(y_pred)
     return ops.mean(ops.cast(ops.equal(y_true, ops.cast(y_pred > 0.5, "float32")), "float32"), axis=(1, 2, 3))
 
 
 def dice(y_true, y_pred):
     """Dice of the thresholded (0.5) membrane prediction."""
-    return soft_dice(y_true, ops.cast(y_pred > 0.5, "float32"), smooth=1e-6)
+    return soft_dice(y_true, ops.cast(_membrane(y_pred) > 0.5, "float32"), smooth=1e-6)
 
 
 def metrics() -> list:

@@ -74,6 +74,24 @@ class InputSizeCheck(layers.Layer):
         return {**super().get_config(), "depth": self.depth}
 
 
+@keras.saving.register_keras_serializable(package="em_unet")
+class AffinityHead(layers.Conv2D):
+    """The output of an affinity U-Net: a 1x1 sigmoid convolution whose channel 0 is the membrane probability and
+    channel 1 + c the affinity for offset c of ``affinity_offsets`` (``(dy, dx)`` pixels), which the layer
+    keeps, so a saved model says what its channels mean."""
+
+    def __init__(self, affinity_offsets, **kwargs):
+        self.affinity_offsets = tuple(tuple(int(v) for v in offset) for offset in affinity_offsets)
+        kwargs.update(filters=1 + len(self.affinity_offsets), kernel_size=1, activation="sigmoid")
+        super().__init__(**kwargs)
+
+    def get_config(self):
+        config = super().get_config()
+        for key in ("filters", "kernel_size", "activation"):
+            config.pop(key, None)
+        return {**config, "affinity_offsets": [list(offset) for offset in self.affinity_offsets]}
+
+
 def conv_block(x, filters: int, name: str, batch_norm: bool = False):
     """Two 3x3 'same' convolutions with ReLU, optionally batch-normalised."""
     for i in (1, 2):
@@ -110,6 +128,7 @@ def build_unet(
     bottleneck_dropout: float = 0.0,
     up_mode: str = "transpose",
     name: str | None = None,
+    affinity_offsets: tuple[tuple[int, int], ...] = (),
 ) -> keras.Model:
     """Build an uncompiled U-Net.
 
@@ -121,10 +140,13 @@ def build_unet(
         bottleneck_dropout: dropout rate applied at the bottleneck (0 = none).
         up_mode: ``"transpose"`` (2x2 transposed convolution) or ``"bilinear"``
             (bilinear up-sampling followed by a 2x2 convolution).
+        affinity_offsets: ``(dy, dx)`` pixel offsets to predict affinities for, after the
+            membrane channel (:class:`AffinityHead`); none: a boundary U-Net.
 
     Returns:
         A model mapping ``(batch, height, width, channels)`` images in [0, 1] to
-        ``(batch, height, width, 1)`` float32 membrane probabilities.
+        ``(batch, height, width, 1)`` float32 membrane probabilities, or with
+        ``affinity_offsets`` to ``(batch, height, width, 1 + offsets)``.
     """
     for name in ("depth", "base_filters"):
         check_value(TrainConfig.field(name), locals()[name], TrainConfig)
@@ -144,11 +166,14 @@ def build_unet(
     for level in range(depth, 0, -1):
         x = up_block(x, skips[level - 1], base_filters * 2 ** (level - 1), f"dec{level}", up_mode, batch_norm)
     # float32 output keeps the loss stable under a mixed-precision policy.
-    membrane_probability = layers.Conv2D(1, 1, activation="sigmoid", dtype="float32", name="membrane_probability")(x)
-    return keras.Model(image, membrane_probability, name=name or f"unet_d{depth}_f{base_filters}")
+    if affinity_offsets:
+        output = AffinityHead(affinity_offsets, dtype="float32", name="membrane_and_affinities")(x)
+    else:
+        output = layers.Conv2D(1, 1, activation="sigmoid", dtype="float32", name="membrane_probability")(x)
+    return keras.Model(image, output, name=name or f"unet_d{depth}_f{base_filters}")
 
 
-def unet_parameter_count(depth: int, base_filters: int, batch_norm: bool = False) -> int:
+def unet_parameter_count(depth: int, base_filters: int, batch_norm: bool = False, outputs: int = 1) -> int:
     """The parameters (trainable or not) of :func:`~em_unet.training.model.build_unet`'s U-Net, counted without
     building it."""
 
@@ -166,4 +191,4 @@ def unet_parameter_count(depth: int, base_filters: int, batch_norm: bool = False
         filters = base_filters * 2 ** (level - 1)
         count += 4 * channels * filters + filters + block(2 * filters, filters)  # 2x2 transposed conv, then a block
         channels = filters
-    return count + channels + 1  # the 1x1 output convolution
+    return count + (channels + 1) * outputs  # the 1x1 output convolution

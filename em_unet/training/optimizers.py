@@ -20,11 +20,12 @@ def _cosine(learning_rate: float, total_steps: int):
 # name -> (learning rate, optimizer steps of the run) -> the rate: a number or a Keras schedule of the step
 LR_SCHEDULES = {"constant": _constant, "cosine": _cosine}
 
-# name -> (learning rate or schedule, momentum) -> the Keras optimizer; only SGD takes a momentum
+# name -> (learning rate or schedule, momentum, Keras' common options) -> the Keras optimizer; only SGD takes a
+# momentum
 OPTIMIZERS = {
-    "sgd": lambda rate, momentum: keras.optimizers.SGD(rate, momentum=momentum),
-    "adam": lambda rate, momentum: keras.optimizers.Adam(rate),
-    "adamax": lambda rate, momentum: keras.optimizers.Adamax(rate),
+    "sgd": lambda rate, momentum, **options: keras.optimizers.SGD(rate, momentum=momentum, **options),
+    "adam": lambda rate, momentum, **options: keras.optimizers.Adam(rate, **options),
+    "adamax": lambda rate, momentum, **options: keras.optimizers.Adamax(rate, **options),
 }
 
 
@@ -37,8 +38,10 @@ def learning_rate_schedule(learning_rate: float, schedule: str, total_steps: int
     return LR_SCHEDULES[schedule](learning_rate, total_steps)
 
 
-def make_optimizer(name: str, learning_rate, momentum: float = 0.0) -> keras.optimizers.Optimizer:
-    """``learning_rate``: a number or a Keras schedule of the optimizer step."""
+def make_optimizer(name: str, learning_rate, momentum: float = 0.0, ema: float = 0.0) -> keras.optimizers.Optimizer:
+    """``learning_rate``: a number or a Keras schedule of the optimizer step; ``ema`` > 0: the optimizer also
+    keeps the exponential moving average of the weights with that momentum per step (Keras' ``use_ema``)."""
     if name not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {tuple(OPTIMIZERS)}, got {name!r}")
-    return OPTIMIZERS[name](learning_rate, momentum)
+    averaging = {"use_ema": True, "ema_momentum": ema} if ema else {}
+    return OPTIMIZERS[name](learning_rate, momentum, **averaging)

@@ -230,7 +230,8 @@ def _train(config: TrainConfig, strategy, run_dir: Path | None, verbose: int, ex
             return {"run_dir": None, "best_model": None, "export_dir": None, "scores": None, "resumed_from": None}
         parameters = unet.count_params()
         checkpoint_bytes = 2 * 4 * parameters + (1 << 20)
-        backup_bytes = 2 * (3 * 4 * parameters + (1 << 20))  # old and new backup: weights and two optimizer slots
+        copies = 4 if config.ema else 3  # weights and two optimizer slots (and their average)
+        backup_bytes = 2 * (copies * 4 * parameters + (1 << 20))  # the old and the new backup
         check_free_space(run_dir, 3 * checkpoint_bytes + backup_bytes, "the run's checkpoints")
         if export:
             check_export_space(config.models_dir, config.model_name, parameters)
@@ -256,7 +257,9 @@ def _train(config: TrainConfig, strategy, run_dir: Path | None, verbose: int, ex
                 (run_dir / "history.csv").unlink(missing_ok=True)
             best_path = run_dir / "best.keras"
             finite = [loss for loss in past if loss is not None and math.isfinite(loss)]
-            callbacks += record_callbacks(run_dir, unet, best=min(finite, default=np.inf), append=backup is not None)
+            callbacks += record_callbacks(
+                run_dir, unet, best=min(finite, default=np.inf), append=backup is not None, averaged=bool(config.ema)
+            )
             callbacks.append(TrainingBackup(run_dir / BACKUP_FOLDER, config.epochs, spent, started))  # last
             if backup is None or not backup.stopped:
                 fit(

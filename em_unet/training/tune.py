@@ -233,7 +233,8 @@ def largest_parameters(space: dict, base: TrainConfig) -> int:
         return spec if isinstance(spec, list) else [spec["max"]] if isinstance(spec, dict) else [getattr(base, name)]
 
     sizes = itertools.product(values("depth"), values("base_filters"), values("batch_norm"))
-    return max(unet_parameter_count(depth, filters, batch_norm) for depth, filters, batch_norm in sizes)
+    outputs = 1 + len(base.affinity_offsets())
+    return max(unet_parameter_count(depth, filters, batch_norm, outputs) for depth, filters, batch_norm in sizes)
 
 
 # ---------------------------------------------------------------- the tuners
@@ -423,6 +424,11 @@ def tune(base: TrainConfig, search: SearchConfig | None = None, verbose: int = 1
     (recycled) returns ``{"role": "worker", "recycled": trials, ...}``.
     """
     search = search or search_settings()
+    if base.ema:
+        raise ConfigError(
+            "--ema is for train: KerasTuner keeps each trial's own weights, not their average; tune without it, "
+            "then train the chosen settings with --ema"
+        )
     if not search.workers:
         return _tune(base, search, verbose)
     if threading.current_thread() is not threading.main_thread():

@@ -669,7 +669,7 @@ def test_sharded_zarr_reports_shards_as_chunks(tmp_path):
 
 
 def test_create_leaves_nothing_behind_when_it_fails(tmp_path, monkeypatch):
-    def broken(group, zarr_format):
+    def broken(group, zarr_format, channels=False):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr("em_unet.io.volumes._write_multiscales", broken)
