@@ -42,6 +42,8 @@ setup(
         # dask's own "distributed" extra pins the scheduler to dask's version: a dask release without its
         # distributed release must not pair with an old distributed that cannot import it.
         "dask[array,distributed]>=2024.1",
+        # The mutex watershed of em-unet segment on affinity maps (a Rust wheel; agglom's API as of 0.5).
+        "mwatershed>=0.5,<0.6",
     ],
     extras_require={
         "cpu": ["tensorflow-cpu>=2.16"],

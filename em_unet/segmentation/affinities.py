@@ -136,7 +136,7 @@ def mutex_watershed(
     bias = np.array([0.5 if c in nearest else 0.5 + params.long_range_bias for c in range(len(offsets))])
     weights = affinities.astype(np.float64) - bias[:, None, None]
     labels = mwatershed.agglom(weights, [list(o) for o in offsets]).astype(np.int64)
-    labels = relabel_sequential(labels)[0]
+    labels = relabel_sequential(labels + 1)[0]  # mwatershed may number a segment 0, which relabelling keeps
     if params.min_size_px > 0:
         labels = merge_small_segments(labels, affinities, offsets, params.min_size_px)
     return labels.astype(np.int32)

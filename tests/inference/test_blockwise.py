@@ -267,3 +267,39 @@ def test_a_scheduler_that_does_not_answer_is_one_line(model_path, tmp_path, caps
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--scheduler tcp://127.0.0.1:9: no Dask scheduler answers there" in err[0], err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["raw.zarr"]  # no output, no markers
+
+
+@pytest.mark.slow
+def test_blockwise_affinities_equal_in_memory_and_record_their_offsets(volume, tmp_path):
+    import keras
+
+    from em_unet.inference.predict import load_predictor, predict_stack
+    from em_unet.io.stacks import to_unit_range
+    from em_unet.training.model import build_unet
+
+    keras.utils.set_random_seed(3)
+    offsets = ((-1, 0), (0, -1), (-9, -4))
+    build_unet(depth=2, base_filters=4, affinity_offsets=offsets).save(tmp_path / "aff.keras")
+    write(f"{tmp_path}/raw.zarr", volume, (1, 64, 64))
+    predict_volume(
+        tmp_path / "aff.keras",
+        f"{tmp_path}/raw.zarr",
+        f"{tmp_path}/p.zarr",
+        workers=2,
+        progress=False,
+        tiling=TILING,
+        affinities_address=f"{tmp_path}/a.ome.zarr",
+    )
+    expected = np.stack(
+        list(predict_stack(load_predictor(tmp_path / "aff.keras"), to_unit_range(volume), TILING, channels=True)),
+        axis=1,
+    )
+    affinities = open_volume(f"{tmp_path}/a.ome.zarr", channels=True)
+    assert affinities.shape == (3, *volume.shape) and affinities.attributes["affinity_offsets"] == [
+        list(o) for o in offsets
+    ]
+    assert np.abs(affinities[...] - expected[1:]).max() < 1e-5
+    assert np.abs(open_volume(f"{tmp_path}/p.zarr")[...] - expected[0]).max() < 1e-5
+    assert not ResumeMarkers(f"{tmp_path}/a.ome.zarr").folder.exists()
+    # the blockwise affinities segment as the TIFF path does
+    assert run_cli("segment", f"{tmp_path}/a.ome.zarr", "-o", f"{tmp_path}/n.zarr", "--workers", "1").returncode == 0

@@ -17,6 +17,7 @@ from em_unet.inference.export import (
     export_saved_model,
     float32_copy,
 )
+from em_unet.inference.predict import load_predictor
 from em_unet.inference.serving import versions
 from em_unet.training.model import build_unet
 
@@ -322,3 +323,39 @@ def test_the_export_command_exports_a_kept_keras_file_and_refuses_what_it_cannot
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
     assert versions(models / "m") == [1] and sorted(p.name for p in models.iterdir()) == ["m"]
+
+
+LOAD_AFFINITIES_WITHOUT_EM_UNET = """
+import json, sys
+import numpy as np, tensorflow as tf
+loaded = tf.saved_model.load(sys.argv[1])
+out = loaded.signatures["serving_default"](image=tf.constant(np.load(sys.argv[2])))
+assert "em_unet" not in sys.modules
+print(json.dumps({"offsets": loaded.affinity_offsets[0].numpy().tolist(),
+                  "membrane": out["membrane_probability"].numpy().tolist(),
+                  "affinities": out["affinities"].numpy().tolist()}))
+"""
+
+
+def test_an_affinity_unet_serves_affinities_and_membrane_probability_with_its_offsets(tmp_path):
+    keras.utils.set_random_seed(0)
+    offsets = ((-1, 0), (0, -1), (-9, -4))
+    model = build_unet(depth=2, base_filters=4, affinity_offsets=offsets)
+    version = export_saved_model(model, "affinities", tmp_path)
+    image = np.random.default_rng(1).random((1, 32, 48, 1)).astype(np.float32)
+    np.save(tmp_path / "x.npy", image)
+    (tmp_path / "load.py").write_text(LOAD_AFFINITIES_WITHOUT_EM_UNET)
+    result = subprocess.run(
+        [sys.executable, str(tmp_path / "load.py"), str(version), str(tmp_path / "x.npy")],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    served = json.loads(result.stdout.strip().splitlines()[-1])
+    expected = model.predict(image, verbose=0)
+    assert [tuple(o) for o in served["offsets"]] == list(offsets)
+    assert np.allclose(np.array(served["membrane"]), expected[..., :1], atol=1e-6)
+    assert np.allclose(np.array(served["affinities"]), expected[..., 1:], atol=1e-6)
+    predictor = load_predictor(version)  # em-unet reads both outputs back, membrane first
+    assert predictor.affinity_offsets == offsets
+    assert np.allclose(predictor(image), expected, atol=1e-6)

@@ -18,8 +18,11 @@ from em_unet.inference.predict import (
     predict_slice,
     predict_stack,
     resolve_model_path,
+    view_channels,
 )
 from em_unet.inference.tiling import Tiling
+from em_unet.io.stacks import read_channel_stack
+from em_unet.segmentation.affinities import shifted
 from em_unet.training.model import build_unet
 
 
@@ -448,3 +451,60 @@ def test_a_broken_savedmodel_is_one_line_naming_it(exported, tmp_path, make, exp
     message = str(err.value)
     assert "\n" not in message and message.startswith(f"{folder}") and expected in message
     assert {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+TTA_OFFSETS = ((-1, 0), (0, -1), (-3, 0), (0, -3), (-3, -3), (3, -3), (-3, -1), (-1, -3), (1, -3), (3, -1))
+
+
+def equivariant_affinities(tiles):
+    """A predictor that turns with its input, as a perfectly trained one would: membrane = the image, affinity
+    of p and p + o = 1 - |image(p) - image(p + o)|."""
+    image = tiles[..., 0]
+    channels = [image] + [1 - np.abs(image - shifted(image, offset, 0.5)) for offset in TTA_OFFSETS]
+    return np.stack(channels, -1)
+
+
+equivariant_affinities.affinity_offsets = TTA_OFFSETS
+
+
+def test_tta_turns_the_affinity_offsets_with_the_views():
+    image = np.random.default_rng(0).random((70, 90)).astype(np.float32)
+    tiling = Tiling(tile=64, margin=8, overlap=8)
+    plain = next(predict_stack(equivariant_affinities, [image], tiling, channels=True))
+    averaged = next(predict_stack(equivariant_affinities, [image], tiling, tta=True, channels=True))
+    assert plain.shape == (1 + len(TTA_OFFSETS), 70, 90)
+    assert np.abs(plain - averaged).max() < 1e-5  # each view's channels, turned back, are the image's own
+    for k in range(8):  # each of the view's channels lands on the image's offset or its negative
+        assert sorted(j for j, _ in view_channels(TTA_OFFSETS, k)) == list(range(len(TTA_OFFSETS)))
+    with pytest.raises(EmUnetError, match="--tta: affinity offset -3,-1 turns into"):
+        view_channels(((-1, 0), (0, -1), (-3, -1)), 1)
+
+
+def test_predict_writes_the_affinities_with_their_offsets(tmp_path):
+    keras.utils.set_random_seed(2)
+    offsets = ((-1, 0), (0, -1), (-9, 0), (0, -9))
+    model = build_unet(2, 4, affinity_offsets=offsets)
+    model.save(tmp_path / "aff.keras")
+    stack = np.random.default_rng(3).integers(0, 255, (2, 40, 52), dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "raw.tif", stack)
+    predict_file(
+        tmp_path / "aff.keras",
+        tmp_path / "raw.tif",
+        tmp_path / "p.tif",
+        affinities_path=tmp_path / "a.tif",
+        progress=False,
+    )
+    affinities, attributes = read_channel_stack(tmp_path / "a.tif")
+    assert affinities.shape == (2, 4, 40, 52) and attributes["affinity_offsets"] == [list(o) for o in offsets]
+    with tifffile.TiffFile(tmp_path / "a.tif") as tif:  # an ImageJ hyperstack: Fiji opens it with 4 channels
+        assert tif.imagej_metadata["channels"] == 4 and tif.imagej_metadata["slices"] == 2
+    expected = np.stack(list(predict_stack(load_predictor(tmp_path / "aff.keras"), stack / 255.0, channels=True)))
+    assert np.abs(affinities - expected[:, 1:]).max() < 1e-6
+    assert np.abs(tifffile.imread(tmp_path / "p.tif") - expected[:, 0]).max() < 1e-6
+    # a boundary U-Net has no affinities: one line, nothing written
+    build_unet(2, 4).save(tmp_path / "boundary.keras")
+    with pytest.raises(EmUnetError, match="--affinities needs an affinity U-Net"):
+        predict_file(
+            tmp_path / "boundary.keras", tmp_path / "raw.tif", tmp_path / "q.tif", affinities_path=tmp_path / "b.tif"
+        )
+    assert not (tmp_path / "q.tif").exists() and not (tmp_path / "b.tif").exists()

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import tifffile
 
+from em_unet import cli
 from em_unet.io.volumes import create_volume, open_volume
 from em_unet.io.writers import ResumeMarkers
 from em_unet.segmentation.blockwise import segment_volume
@@ -107,3 +108,44 @@ def test_maps_with_cell_interiors_above_zero_give_one_segment_per_cell_blockwise
     write(f"{tmp_path}/flat.zarr", flat, (1, 64, 64))
     segment_volume(f"{tmp_path}/flat.zarr", f"{tmp_path}/f.zarr", workers=1, progress=False)
     assert "flat.zarr: 2 slice(s) came out as one segment (slice 0, 1)" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_affinity_volumes_segment_blockwise_as_in_memory(tmp_path, capsys):
+    from em_unet.segmentation.affinities import MutexParams, affinities_from_cells, segment_affinity_stack
+    from tests.segmentation.test_affinities import SMALL_OFFSETS, random_cells
+
+    rng = np.random.default_rng(5)
+    stack = []
+    for _ in range(3):
+        _, cells = random_cells(rng, (70, 90), cells=15)
+        stack.append(np.clip(affinities_from_cells(cells, SMALL_OFFSETS)[0] + rng.normal(0, 0.1, (6, 70, 90)), 0, 1))
+    stack = np.stack(stack).astype(np.float32)  # (z, c, y, x)
+    params = MutexParams(min_size_px=10)
+    expected = segment_affinity_stack(stack, SMALL_OFFSETS, params)
+    attributes = {"affinity_offsets": [list(o) for o in SMALL_OFFSETS]}
+    with create_volume(
+        f"{tmp_path}/aff.ome.zarr",
+        stack.shape[:1] + stack.shape[2:],
+        np.float32,
+        (1, 32, 32),
+        channels=6,
+        attributes=attributes,
+    ) as out:
+        out[...] = np.moveaxis(stack, 1, 0)
+    out = segment_volume(f"{tmp_path}/aff.ome.zarr", f"{tmp_path}/n.zarr", params, workers=2, progress=False)
+    labels = open_volume(out)[...]
+    assert labels.dtype == np.uint32 and np.array_equal(labels, expected)  # unique across slices, as in memory
+    # the command: it recognises the affinity volume; HDF5 without recorded offsets takes --offsets
+    with create_volume(f"{tmp_path}/aff.h5:/aff", (3, 70, 90), np.float32, (1, 70, 90), channels=6) as out:
+        out[...] = np.moveaxis(stack, 1, 0)
+    flag = "--offsets=" + " ".join(f"{dy},{dx}" for dy, dx in SMALL_OFFSETS)
+    assert cli.main(["segment", f"{tmp_path}/aff.h5:/aff", "-o", f"{tmp_path}/m.zarr", flag, "--workers", "1"]) == 0
+    assert np.array_equal(open_volume(f"{tmp_path}/m.zarr")[...], expected)
+    for args, message in (
+        ([], "records no affinity offsets"),
+        (["--offsets=-1,0 0,-1"], "6 affinity channels but 2 offsets"),
+    ):
+        result = run_cli("segment", f"{tmp_path}/aff.h5:/aff", "-o", f"{tmp_path}/bad.zarr", *args)
+        assert result.returncode == 2 and message in error_line(result)
+        assert not (tmp_path / "bad.zarr").exists()

@@ -5,7 +5,15 @@ import tensorflow as tf
 
 from em_unet.config import TrainConfig
 from em_unet.errors import EmUnetError
-from em_unet.training.assembly import StepAugmentedModel
+from em_unet.training.assembly import (
+    StepAugmentedModel,
+    TrainingBackup,
+    build_model,
+    read_backup,
+    record_callbacks,
+    restore_training_state,
+    run_callbacks,
+)
 from em_unet.training.augment import AugmentConfig
 from em_unet.training.model import build_unet
 from tests.training.test_augment import PY_OPS
@@ -186,3 +194,42 @@ def test_history_has_an_entry_for_every_epoch_in_each_validation_metric():
     stopped = keras.callbacks.History()  # early stopping after epoch 3 of a fit validating 1, 2 and 4
     stopped.epoch, stopped.history = [0, 1, 2], {"loss": [3.0, 2.0, 1.0], "val_loss": [3.5, 2.5]}
     assert np.isnan(epoch_aligned(stopped, [1, 2, 4]).history["val_loss"]).tolist() == [False, False, True]
+
+
+def test_ema_validates_and_keeps_the_averaged_weights(tmp_path):
+    """--ema: validation (Keras' SwapEMAWeights) and best.keras see the optimizer's moving average; training and the
+    backup go on with the raw weights, and a restored backup brings the average back."""
+    config = TrainConfig(data="d", labels="l", depth=2, base_filters=4, patch_size=32, ema=0.5, seed=0)
+    keras.utils.set_random_seed(0)
+    model, unet = build_model(config, steps=3, placement="pipeline")
+    rng = np.random.default_rng(0)
+    images = rng.random((6, 32, 32, 1)).astype(np.float32)
+    targets = (rng.random((6, 32, 32, 1)) < 0.3).astype(np.float32)
+    seen = {}
+
+    class Capture(keras.callbacks.Callback):
+        def on_test_begin(self, logs=None):  # after SwapEMAWeights put the average in
+            seen["validated"] = [w.copy() for w in unet.get_weights()]
+
+        def on_epoch_end(self, epoch, logs=None):
+            seen["raw"] = [w.copy() for w in unet.get_weights()]
+            seen["average"] = [v.numpy().copy() for v in model.optimizer._model_variables_moving_average]
+
+    callbacks = run_callbacks(config) + [Capture()]
+    callbacks += record_callbacks(tmp_path, unet, averaged=True) + [TrainingBackup(tmp_path / "backup", epochs=1)]
+    model.fit(
+        images, targets, batch_size=2, epochs=1, validation_data=(images, targets), callbacks=callbacks, verbose=0
+    )
+    trainable = [i for i, w in enumerate(unet.weights) if w.trainable]
+    best = keras.saving.load_model(tmp_path / "best.keras", compile=False).get_weights()
+    for position, index in enumerate(trainable):
+        assert np.allclose(best[index], seen["average"][position])
+        assert np.allclose(seen["validated"][index], seen["average"][position])
+    assert not all(np.allclose(seen["raw"][i], seen["average"][p]) for p, i in enumerate(trainable))
+    restored, _ = build_model(config, steps=3, placement="pipeline")
+    restore_training_state(restored, read_backup(tmp_path / "backup"))
+    for position, index in enumerate(trainable):
+        assert np.allclose(restored.get_weights()[index], seen["raw"][index])
+        assert np.allclose(
+            restored.optimizer._model_variables_moving_average[position].numpy(), seen["average"][position]
+        )

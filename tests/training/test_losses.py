@@ -1,7 +1,17 @@
 import numpy as np
 import pytest
 
-from em_unet.training.losses import bce, border_weight_map, dice, pixel_accuracy, weighted_bce
+from em_unet.segmentation.affinities import affinities_from_cells, cell_ids
+from em_unet.segmentation.offsets import DEFAULT_OFFSETS
+from em_unet.training.losses import (
+    affinity_targets,
+    bce,
+    border_weight_map,
+    dice,
+    pixel_accuracy,
+    training_loss,
+    weighted_bce,
+)
 
 
 def test_border_weights_peak_between_close_cells():
@@ -33,3 +43,45 @@ def test_accuracy_and_dice_on_perfect_prediction():
     assert float(np.mean(pixel_accuracy(target, target))) == 1.0
     assert float(np.mean(dice(target, target))) == pytest.approx(1.0)
     assert float(np.mean(dice(target, 1 - target))) == pytest.approx(0.0, abs=1e-5)
+
+
+def test_affinity_targets_in_the_graph_equal_numpy_on_random_labels():
+    rng = np.random.default_rng(0)
+    for density in (0.2, 0.4, 0.6):
+        membrane = rng.random((3, 40, 48)) < density
+        cells = cell_ids(membrane).astype(np.float32)  # ids travel as a float mask channel
+        targets, inside = affinity_targets(cells, DEFAULT_OFFSETS)
+        for z in range(3):
+            expected, expected_inside = affinities_from_cells(cells[z], DEFAULT_OFFSETS)
+            assert np.array_equal(np.moveaxis(np.asarray(targets[z]), -1, 0), expected)
+            assert np.array_equal(np.moveaxis(np.asarray(inside[z]), -1, 0), expected_inside)
+        # membrane pixels have affinity 0 to everything; pairs leaving the crop are masked out
+        assert not np.asarray(targets)[membrane].any()
+        assert not np.asarray(inside)[:, :27, :, 10].any() and np.asarray(inside)[:, 27:, :, 10].all()
+
+
+def test_affinity_loss_is_the_masked_mean_beside_the_membrane_loss():
+    rng = np.random.default_rng(1)
+    offsets = ((-1, 0), (0, -1), (0, -5))
+    membrane = (rng.random((2, 12, 12)) < 0.3).astype(np.float32)
+    cells = np.where(membrane > 0, 0, 1 + (np.arange(12) >= 6)[None, None, :]).astype(np.float32)
+    y_true = np.stack([membrane, cells], axis=-1)
+    y_pred = rng.uniform(0.05, 0.95, (2, 12, 12, 4)).astype(np.float32)
+    loss = np.asarray(training_loss("bce", offsets)(y_true, y_pred))
+    expected = []
+    for b in range(2):
+        pixel_membrane = -(
+            membrane[b] * np.log(y_pred[b, ..., 0]) + (1 - membrane[b]) * np.log(1 - y_pred[b, ..., 0])
+        ).mean()
+        terms = []
+        for c, (dy, dx) in enumerate(offsets):
+            for y in range(12):
+                for x in range(12):
+                    if 0 <= y + dy < 12 and 0 <= x + dx < 12:
+                        same = float(cells[b, y, x] > 0 and cells[b, y, x] == cells[b, y + dy, x + dx])
+                        p = y_pred[b, y, x, 1 + c]
+                        terms.append(-(same * np.log(p) + (1 - same) * np.log(1 - p)))
+        expected.append(pixel_membrane + np.mean(terms))
+    assert np.allclose(loss, expected, atol=1e-5)
+    # the metrics read the membrane channel only
+    assert np.asarray(pixel_accuracy(y_true[..., :1], y_pred)).shape == (2,)

@@ -4,7 +4,8 @@ import pytest
 import tensorflow as tf
 
 from em_unet.errors import ModelInputError
-from em_unet.training.model import build_unet, check_input_size
+from em_unet.inference.predict import affinity_offsets_of
+from em_unet.training.model import build_unet, check_input_size, unet_parameter_count
 
 
 def conv_params(in_ch, out_ch, k):
@@ -94,3 +95,16 @@ def test_wrong_size_with_dynamic_shape_fails_in_graph():
     assert serve(tf.zeros([1, 24, 32, 1])).shape == (1, 24, 32, 1)
     with pytest.raises(tf.errors.InvalidArgumentError, match="multiples of 8 px"):
         serve(tf.zeros([1, 20, 32, 1]))
+
+
+def test_affinity_unet_outputs_membrane_then_affinities_and_keeps_its_offsets(tmp_path):
+    offsets = ((-1, 0), (0, -1), (-9, 4))
+    model = build_unet(2, 4, affinity_offsets=offsets)
+    assert model.output_shape == (None, None, None, 4)
+    assert model.count_params() == unet_parameter_count(2, 4, outputs=4)
+    model.save(tmp_path / "m.keras")
+    loaded = keras.saving.load_model(tmp_path / "m.keras", compile=False)
+    assert affinity_offsets_of(loaded) == offsets
+    assert affinity_offsets_of(build_unet(2, 4)) == ()
+    image = np.random.default_rng(0).random((1, 16, 16, 1)).astype(np.float32)
+    assert np.allclose(loaded.predict(image, verbose=0), model.predict(image, verbose=0))

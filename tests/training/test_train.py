@@ -30,6 +30,9 @@ def refusals(folder):
     (folder / "logs-file").write_text("not a folder")
     write(folder / "small-labels.tif", np.zeros((3, 32, 32), np.uint8))
     write(folder / "all-interior.tif", np.full((3, 64, 64), 255, np.uint8))
+    all_membrane = np.zeros((3, 64, 64), np.uint8)
+    all_membrane[2, 0, 0] = 255  # the validation slice has one interior pixel; the training slices none
+    write(folder / "all-membrane.tif", all_membrane)
     write(
         folder / "nan.tif", np.where(np.arange(3 * 64 * 64).reshape(3, 64, 64) == 5000, np.nan, 0.5).astype(np.float32)
     )
@@ -49,6 +52,13 @@ def refusals(folder):
         (["--logs-dir", "/proc/em-unet-logs"], "/proc"),
         (["--lr", "nan"], "--lr (learning_rate) = nan"),
         (["--steps-per-epoch", "0"], "--steps-per-epoch = 0"),
+        (["--target", "affinities", "--labels", folder / "all-membrane.tif"], "have no cell interior"),
+        (["--target", "affinities", "--offsets", "0,0"], "pairs a pixel with itself"),
+        (["--target", "affinities", "--offsets", "-1,0 0,-1 -1,0"], "offset -1,0 is repeated"),
+        (["--target", "affinities", "--offsets", "-1,0 0,-1 1,0"], "offset 1,0 is repeated"),
+        (["--target", "affinities", "--offsets", "-1,0 0,-40"], "does not fit in the 32 px patch"),
+        (["--target", "affinities", "--offsets", "up"], "is not a pair DY,DX"),
+        (["--ema", "1"], "--ema = 1"),
     ]
 
 
