@@ -80,7 +80,7 @@ class MutexParams(Settings):
         "pair merges only above affinity 0.5 + B, so neurons across a faint membrane stay apart; 0.5 makes "
         "long-range pairs only repulsive, as in the mutex watershed paper",
         group="mutex",
-        minimum=0.0,
+        minimum=-0.5,
         maximum=0.5,
         metavar="B",
     )
@@ -116,6 +116,9 @@ def check_affinities(affinities: np.ndarray, offsets: Offsets, source: str) -> N
     low, high = float(affinities.min()), float(affinities.max())
     if low < 0.0 or high > 1.0:
         raise DataError(f"{source}: affinities from {low:g} to {high:g} are not probabilities in [0, 1]")
+
+
+MUTEX_HINT = "the affinities merge everything there; raise --long-range-bias to keep neurons apart"
 
 
 def mutex_watershed(
@@ -248,7 +251,7 @@ def segment_affinity_stack(
             raise DataError(f"{err} (slice {z})") from None
         sections.append(mutex_watershed(section, offsets, params))
     counts = [int(section.max()) for section in sections]
-    warn_single_segments(counts, source)
+    warn_single_segments(counts, source, MUTEX_HINT)
     shifts = label_offsets(counts)
     return np.stack([section.astype(np.uint32) + np.uint32(shift) for section, shift in zip(sections, shifts)])
 

@@ -20,6 +20,7 @@ from em_unet.io.volumes import create_volume, open_volume
 from em_unet.io.writers import ResumeMarkers, open_output
 from em_unet.machine import cpu_cores
 from em_unet.segmentation.affinities import (
+    MUTEX_HINT,
     MutexParams,
     check_affinities,
     mutex_watershed,
@@ -28,7 +29,7 @@ from em_unet.segmentation.affinities import (
 from em_unet.segmentation.labels import label_offsets
 from em_unet.segmentation.metrics import as_probability
 from em_unet.segmentation.offsets import Offsets, offsets_from_attributes, offsets_text
-from em_unet.segmentation.watershed import SegmentParams, segment_slice, warn_single_segments
+from em_unet.segmentation.watershed import SEED_HINT, SegmentParams, segment_slice, warn_single_segments
 
 SLICE_CHUNK_PX = 512  # y and x chunk side of label outputs (one slice deep)
 
@@ -143,7 +144,8 @@ def _segment_on_cluster(source, output, scratch, markers: ResumeMarkers, work, s
             if z not in counts
         }
         gather_in_any_order(client, futures, counts.__setitem__, bar)
-        warn_single_segments([counts[z] for z in range(n)], source.address)
+        hint = MUTEX_HINT if work[1] else SEED_HINT
+        warn_single_segments([counts[z] for z in range(n)], source.address, hint)
         offsets = label_offsets([counts[z] for z in range(n)], str(output.address))
         futures = {
             client.submit(_offset_slice_task, scratch, output, z, int(offsets[z]), markers, pure=False): z

@@ -141,15 +141,16 @@ def segment_stack(
     return np.stack([section.astype(np.uint32) + np.uint32(offset) for section, offset in zip(sections, offsets)])
 
 
-def warn_single_segments(counts: list[int], source: str) -> None:
-    """Warn, naming the slices, when slices of a stack came out as one segment (``counts``: segments per slice)."""
+SEED_HINT = "the map has no cell interior below the seed level there; raise --seed-threshold (or lower --sigma)"
+
+
+def warn_single_segments(counts: list[int], source: str, hint: str = SEED_HINT) -> None:
+    """Warn, naming the slices, when slices of a stack came out as one segment (``counts``: segments per slice);
+    ``hint`` says why that may be and which flag changes it."""
     single = [z for z, count in enumerate(counts) if count == 1]
     if single:
         shown = ", ".join(str(z) for z in single[:10]) + (", ..." if len(single) > 10 else "")
-        warn(
-            f"{source}: {len(single)} slice(s) came out as one segment (slice {shown}): the map has no cell "
-            "interior below the seed level there; raise --seed-threshold (or lower --sigma) to seed more cells"
-        )
+        warn(f"{source}: {len(single)} slice(s) came out as one segment (slice {shown}): {hint}")
 
 
 def write_segments(
