@@ -92,8 +92,10 @@ def test_a_diverged_run_says_so_instead_of_a_missing_file(stack, capsys, monkeyp
     """val_loss never finite (here: the loss made NaN) gives one line and keeps the run's logs."""
     from em_unet.training import assembly
 
-    original = assembly.get_loss
-    monkeypatch.setattr(assembly, "get_loss", lambda name: lambda y, p: original(name)(y, p) * np.nan)
+    original = assembly.training_loss
+    monkeypatch.setattr(
+        assembly, "training_loss", lambda name, offsets=(): lambda y, p: original(name, offsets)(y, p) * np.nan
+    )
     argv = [
         "train",
         *TINY,
