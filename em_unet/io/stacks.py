@@ -312,15 +312,19 @@ def read_stack(path: str | Path) -> np.ndarray:
     return stack
 
 
-def is_channel_stack(path: str | Path) -> bool:
-    """Whether ``path`` is a multi-channel TIFF stack (an ImageJ hyperstack with a channel axis, as
-    :class:`~em_unet.io.writers.TiffChannelsWriter` writes affinity maps)."""
+def is_channel_stack(path: str | Path, attribute: str) -> bool:
+    """Whether ``path`` is a multi-channel TIFF stack as :class:`~em_unet.io.writers.TiffChannelsWriter` writes
+    them: an ImageJ hyperstack with axes ZCYX, or one whose Info records ``attribute``. (A one-slice CYX stack
+    without it is not: em-unet before December 2026 wrote the header of slice stacks that way.)"""
     path = Path(path)
     if path.suffix.lower() not in (".tif", ".tiff") or not path.is_file():
         return False
     try:
         with tifffile.TiffFile(path) as tif:
-            return bool(tif.series) and "C" in tif.series[0].axes and tif.series[0].keyframe.samplesperpixel == 1
+            if not tif.series or tif.series[0].keyframe.samplesperpixel != 1:
+                return False
+            info = (tif.imagej_metadata or {}).get("Info") or ""
+            return tif.series[0].axes == "ZCYX" or (tif.series[0].axes == "CYX" and f'"{attribute}"' in info)
     except (OSError, ValueError, tifffile.TiffFileError):
         return False
 

@@ -81,12 +81,22 @@ class TiffStackWriter:
 
     def __init__(self, tiff: tifffile.TiffWriter, path: Path, dtype: np.dtype | None, software: str | None):
         self._tiff, self.path, self.dtype, self._software = tiff, path, dtype, software
+        self.slices, self.slice_shape = 0, None
 
     def write(self, values: np.ndarray) -> None:
         """Append one ``(y, x)`` slice (or a ``(z, y, x)`` run of slices) in ``dtype``."""
         values = np.asarray(values, self.dtype) if self.dtype is not None else np.asarray(values)
         for section in values.reshape(-1, *values.shape[-2:]):
             self._tiff.write(section, contiguous=True, software=self._software)
+            self.slices, self.slice_shape = self.slices + 1, section.shape
+
+    def name_slices(self, path: Path) -> None:
+        """Make the finished ImageJ stack at ``path`` a stack of slices: tifffile's header for pages written one by
+        one names them channels, which Fiji would show on a channel slider."""
+        if self.slices > 1:
+            tifffile.tiffcomment(
+                path, comment=tifffile.imagej_description((self.slices, *self.slice_shape), axes="ZYX")
+            )
 
 
 class TiffChannelsWriter:
@@ -294,6 +304,9 @@ def open_output(
                 yield writer
                 writer.finish(tiff, software)
             else:
-                yield TiffStackWriter(tiff, path, dtype, software)
+                writer = TiffStackWriter(tiff, path, dtype, software)
+                yield writer
+        if imagej and not channels:
+            writer.name_slices(tiff_tmp)
         if json_tmp is not None:
             json_tmp.write_text(json.dumps(sidecar, indent=2))

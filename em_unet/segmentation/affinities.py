@@ -30,7 +30,7 @@ from em_unet.io.stacks import is_channel_stack, read_channel_stack
 from em_unet.io.volumes import is_volume_address, open_volume
 from em_unet.io.writers import check_output_space
 from em_unet.segmentation.labels import label_offsets
-from em_unet.segmentation.offsets import Offsets, offsets_from_attributes, offsets_text
+from em_unet.segmentation.offsets import OFFSETS_ATTRIBUTE, Offsets, offsets_from_attributes, offsets_text
 from em_unet.segmentation.watershed import check_segment_outputs, warn_single_segments, write_segments
 from em_unet.settings import Settings, setting
 
@@ -260,7 +260,7 @@ def is_affinity_map(address: str | Path) -> bool:
     """Whether ``address`` holds an affinity map: a multi-channel TIFF stack, or a 4-D ``(c, z, y, x)`` chunked
     volume (an unreadable address is not one: reading it as a membrane map then says why)."""
     if not is_volume_address(address):
-        return is_channel_stack(address)
+        return is_channel_stack(address, OFFSETS_ATTRIBUTE)
     try:
         with open_volume(address, channels=True) as volume:
             return volume.ndim == 4

@@ -149,3 +149,25 @@ def test_outputs_that_do_not_fit_on_disk_are_refused_or_warned_of_before_any_wor
     free["bytes"] = 4096
     assert cli.main(["segment", str(tmp_path / "map.tif"), "-o", str(tmp_path / "out" / "n.tif")]) == 2
     assert "needed for" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_tiff_stacks_open_in_fiji_as_slices_and_affinities_as_channels(tmp_path):
+    with open_output(tmp_path / "p.tif", dtype=np.float32) as writer:
+        for z in range(5):
+            writer.write(np.full((6, 7), z, np.float32))
+    with tifffile.TiffFile(tmp_path / "p.tif") as tif:
+        assert tif.imagej_metadata["slices"] == 5 and "channels" not in tif.imagej_metadata
+        assert tif.series[0].axes == "ZYX" and tif.series[0].shape == (5, 6, 7)
+    with open_output(
+        tmp_path / "a.tif",
+        dtype=np.float32,
+        channels=3,
+        attributes={"affinity_offsets": [[-1, 0]]},
+        channel_names=["a", "b", "c"],
+    ) as writer:
+        for z in range(2):
+            writer.write(np.full((3, 6, 7), z, np.float32))
+    with tifffile.TiffFile(tmp_path / "a.tif") as tif:
+        assert tif.series[0].axes == "ZCYX" and tif.series[0].shape == (2, 3, 6, 7)
+        assert tif.imagej_metadata["Labels"] == ["a", "b", "c"] * 2
+        assert json.loads(tif.imagej_metadata["Info"]) == {"affinity_offsets": [[-1, 0]]}

@@ -189,7 +189,7 @@ def test_segment_command_on_affinity_tiffs(tmp_path, capsys):
 
 def test_segment_command_refuses_bad_affinity_maps(tmp_path):
     rng = np.random.default_rng(4)
-    stack = rng.random((1, len(SMALL_OFFSETS), 16, 16)).astype(np.float32)
+    stack = rng.random((2, len(SMALL_OFFSETS), 16, 16)).astype(np.float32)  # ZCYX: one slice would read as CYX
     write_affinity_tiff(tmp_path / "bare.tif", stack)
     write_affinity_tiff(tmp_path / "five.tif", stack[:, :5], SMALL_OFFSETS)
     write_affinity_tiff(tmp_path / "high.tif", stack * 3, SMALL_OFFSETS)
@@ -210,3 +210,17 @@ def test_segment_command_refuses_bad_affinity_maps(tmp_path):
         assert result.returncode == 2, result.stderr
         assert message in error_line(result)
         assert not (tmp_path / "n.tif").exists() and not (tmp_path / "n.json").exists()
+
+
+def test_membrane_maps_are_not_taken_for_affinity_maps(tmp_path):
+    stack = np.random.default_rng(6).random((5, 16, 16)).astype(np.float32)
+    with tifffile.TiffWriter(tmp_path / "old.tif", imagej=True) as tif:  # as em-unet wrote slice stacks before
+        for section in stack:
+            tif.write(section, contiguous=True)
+    with tifffile.TiffFile(tmp_path / "old.tif") as tif:
+        assert tif.series[0].axes == "CYX"  # tifffile's header named the slices channels
+    tifffile.imwrite(tmp_path / "plain.tif", stack)
+    assert not is_affinity_map(tmp_path / "old.tif") and not is_affinity_map(tmp_path / "plain.tif")
+    write_affinity_tiff(tmp_path / "one.tif", stack[None], [(-1, 0)] * 0 + [(0, k + 1) for k in range(5)])
+    assert is_affinity_map(tmp_path / "one.tif")
+    assert cli.main(["segment", str(tmp_path / "old.tif"), "-o", str(tmp_path / "n.tif")]) == 0  # the watershed
