@@ -75,10 +75,10 @@ class MutexParams(Settings):
     """The mutex watershed's parameters (see :func:`mutex_watershed`)."""
 
     long_range_bias: float = setting(
-        0.3,
-        "added to the split weight of the long-range offsets (beyond the nearest neighbours): a long-range "
-        "pair merges only above affinity 0.5 + B, so neurons across a faint membrane stay apart; 0.5 makes "
-        "long-range pairs only repulsive, as in the mutex watershed paper",
+        0.0,
+        "added to the split weight of the long-range offsets (beyond the nearest neighbours): a long-range pair "
+        "attracts only above affinity 0.5 + B; 0.5 makes long-range pairs only repulsive, as in the mutex "
+        "watershed paper; 0 was best on ISBI slices 15-19 (benchmarks/segment_affinities.py)",
         group="mutex",
         minimum=-0.5,
         maximum=0.5,
