@@ -1,6 +1,7 @@
 """Running the em-unet command as a user would: in a subprocess."""
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -55,3 +56,9 @@ def tiny_flags(folder, steps=1, **flags):
         **{f"--{k.replace('_', '-')}": v for k, v in flags.items()},
     }
     return [str(x) for pair in values.items() for x in pair]
+
+
+def interruptible():
+    """A ``preexec_fn`` that gives the child Ctrl-C as a terminal does, even when the tests were started with
+    SIGINT ignored (a shell's background job inherits that, and Python then never raises KeyboardInterrupt)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

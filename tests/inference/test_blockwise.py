@@ -16,7 +16,7 @@ from em_unet.inference.blockwise import predict_volume
 from em_unet.inference.tiling import Tiling
 from em_unet.io.volumes import create_volume, open_volume
 from em_unet.io.writers import ResumeMarkers
-from tests.helpers import error_line, run_cli
+from tests.helpers import error_line, interruptible, run_cli
 
 SETTINGS = {"tile": 64, "margin": 8, "overlap": 8, "tile_batch": 3}
 TILING = Tiling(**SETTINGS)
@@ -157,6 +157,7 @@ def test_ctrl_c_stops_the_command_and_its_workers_with_one_line_and_the_output_m
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
+        preexec_fn=interruptible,
     )
     markers = ResumeMarkers(str(output)).folder
     try:

@@ -16,7 +16,7 @@ import pytest
 from em_unet import cli
 from em_unet.config import TrainConfig
 from em_unet.reporting.history import read_history
-from tests.helpers import small_isbi, tiny_flags
+from tests.helpers import interruptible, small_isbi, tiny_flags
 
 DEADLINE_S = 300  # for a subprocess to reach an epoch: TensorFlow's start-up on a loaded machine included
 
@@ -43,6 +43,7 @@ def start_training(argv, folder):
         stderr=err,
         env=environment,
         start_new_session=True,
+        preexec_fn=interruptible,
     )
     out.close()
     err.close()
