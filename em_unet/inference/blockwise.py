@@ -231,8 +231,7 @@ def predict_volume(
     client_writes = parse_address(output_address).kind == "hdf5" or (
         bool(offsets) and parse_address(affinities_address).kind == "hdf5"
     )
-    opened = open_output(
-        output_address,
+    written_as = dict(  # the membrane output and the affinity output alike
         shape=source.shape,
         dtype=np.float32,
         chunks=shape,
@@ -240,17 +239,13 @@ def predict_volume(
         overwrite=overwrite,
         pieces=(len(blocks), "blocks"),
     )
+    opened = open_output(output_address, **written_as)
     affinity_output = (
         open_output(
             affinities_address,
-            shape=source.shape,
-            dtype=np.float32,
-            chunks=shape,
-            record=record,
-            overwrite=overwrite,
-            pieces=(len(blocks), "blocks"),
             channels=len(offsets),
             attributes=affinity_attributes(offsets, model),
+            **written_as,
         )
         if offsets
         else contextlib.nullcontext((None, None))

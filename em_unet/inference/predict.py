@@ -243,16 +243,16 @@ def view_channels(offsets, k: int) -> list[tuple[int, int]]:
     return [found[i] for i in range(len(offsets))]
 
 
-def _turned_back(output: np.ndarray, k: int, offsets) -> tuple[np.ndarray, np.ndarray | None]:
+def _turned_back(output: np.ndarray, k: int, offsets, channels: list) -> tuple[np.ndarray, np.ndarray | None]:
     """One view's output ``(h, w, 1 + offsets)`` turned back to the image, its affinity channels put where the
-    image's offsets are (:func:`view_channels`), and where each value is known (None: everywhere; a channel
-    moved by its offset is unknown where p + o_i leaves the tile)."""
+    image's offsets are (``channels``: :func:`view_channels` of view ``k``), and where each value is known (None:
+    everywhere; a channel moved by its offset is unknown where p + o_i leaves the tile)."""
     back = _dihedral(output[None], k, inverse=True)[0]
     if not offsets or k == 0:
         return back, None
     values, known = np.empty_like(back), np.ones(back.shape, bool)
     values[..., 0] = back[..., 0]
-    for i, (j, sign) in enumerate(view_channels(offsets, k)):
+    for i, (j, sign) in enumerate(channels):
         if sign > 0:
             values[..., 1 + i] = back[..., 1 + j]
         else:
@@ -326,9 +326,7 @@ def predict_regions(
     """
     views = (0, 2, 4, 6, 1, 3, 5, 7) if tta else (0,)  # odd views turn a quarter: same shapes together
     offsets = tuple(getattr(predictor, "affinity_offsets", ())) if channels else ()
-    if tta:
-        for k in views:
-            view_channels(offsets, k)  # a one-line error before any work
+    turned = {k: view_channels(offsets, k) for k in views}  # once per view; a one-line error before any work
     count = 1 + len(offsets) if channels else 1
     pending: list[_Blend] = []  # regions in order, the oldest first; each is yielded when complete
     batch: list[tuple[_Blend, tuple[int, int], int, tuple[int, int]]] = []  # (region, tile origin, view, shape)
@@ -337,7 +335,7 @@ def predict_regions(
         tiles = np.stack([_dihedral(blend.tile(origin)[None, ..., None], k)[0] for blend, origin, k, _ in batch])
         out = predictor(np.ascontiguousarray(tiles))
         for (blend, origin, k, _), output in zip(batch, out):
-            blend.add(origin, *_turned_back(output[..., :count], k, offsets))
+            blend.add(origin, *_turned_back(output[..., :count], k, offsets, turned[k]))
 
     def finished():
         while pending and pending[0].waiting == 0:

@@ -221,6 +221,6 @@ def test_membrane_maps_are_not_taken_for_affinity_maps(tmp_path):
         assert tif.series[0].axes == "CYX"  # tifffile's header named the slices channels
     tifffile.imwrite(tmp_path / "plain.tif", stack)
     assert not is_affinity_map(tmp_path / "old.tif") and not is_affinity_map(tmp_path / "plain.tif")
-    write_affinity_tiff(tmp_path / "one.tif", stack[None], [(-1, 0)] * 0 + [(0, k + 1) for k in range(5)])
+    write_affinity_tiff(tmp_path / "one.tif", stack[None], [(0, k + 1) for k in range(5)])
     assert is_affinity_map(tmp_path / "one.tif")
     assert cli.main(["segment", str(tmp_path / "old.tif"), "-o", str(tmp_path / "n.tif")]) == 0  # the watershed
