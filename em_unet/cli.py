@@ -56,6 +56,13 @@ PREVIEW_FIELDS = (
     "elastic_points",
     "elastic_backend",
     "rotation_degrees",
+    "model",
+    "z_context",
+    "z_flips",
+    "missing_sections",
+    "misaligned_sections",
+    "misalign_px",
+    "section_jitter",
 )
 EXPORT_FIELDS = ("models_dir", "model_name", "export_precision")
 STUDY_FIELDS = ("data", "labels", "label_convention", "epochs", "precision", "logs_dir")
@@ -98,6 +105,8 @@ def cmd_augment_preview(args) -> int:
         config=config.augment_config(),
         label_convention=config.label_convention,
         overwrite=options.overwrite,
+        z_context=config.z_context,
+        volumetric=config.model == "unet3d",
     )
     print(f"wrote {path}")
     return 0

@@ -50,6 +50,7 @@ STRATEGIES = RegistryNames("em_unet.training.distribute", "STRATEGIES", first=("
 # Declared here and imported by the modules that act on them (io.stacks, inference.export, training.tune):
 EXPORT_PRECISIONS = RegistryNames("em_unet.inference.export", "EXPORT_PRECISIONS")
 TARGETS = ("boundary", "affinities")
+MODELS = ("unet", "unet3d")
 ALGORITHMS = ("hyperband", "bayesian", "random", "grid")
 OBJECTIVES = ("val_loss", "loss")
 SAMPLINGS = ("linear", "log")
@@ -140,6 +141,30 @@ class TrainConfig(Settings):
     momentum: float = setting(0.0, "SGD momentum (0: plain SGD)", group="optimisation", minimum=0.0, below=1.0)
     loss: str = setting(
         "bce", "weighted_bce: the U-Net paper's border-weighted cross-entropy", group="optimisation", choices=LOSSES
+    )
+    model: str = setting(
+        "unet",
+        "unet: the 2-D U-Net (with --z-context K: 2.5-D, the K sections around the one predicted as its input "
+        "channels); unet3d: an anisotropic 3-D U-Net that predicts every section of K-section z-patches, with "
+        "(1,3,3) kernels and (1,2,2) pooling until the voxel is about isotropic (--voxel-size)",
+        group="model",
+        choices=MODELS,
+    )
+    z_context: int = setting(
+        1,
+        "sections in z the U-Net sees: for unet an odd K (1: one section, 2-D); for unet3d the z-patch, a multiple "
+        "of 2 per z-pooling. Context is mirrored at the ends of the stack and of the training and validation blocks",
+        group="model",
+        minimum=1,
+        maximum=64,
+        metavar="K",
+    )
+    voxel_size: str | None = setting(
+        None,
+        "voxel size Z,Y,X in nm, for unet3d's anisotropy (ISBI 2012: 50,4,4)",
+        group="model",
+        metavar="Z,Y,X",
+        default_text="an OME-Zarr input's metadata; else required by unet3d",
     )
     target: str = setting(
         "boundary",
@@ -233,6 +258,44 @@ class TrainConfig(Settings):
         maximum=180.0,
         metavar="DEG",
     )
+    z_flips: bool = setting(
+        True,
+        "with --z-context: reverse the sections' order of half the crops (off: --no-z-flips)",
+        group="augmentation",
+    )
+    missing_sections: float = setting(
+        0.05,
+        "with --z-context: probability that a crop has one section blanked (0, as a lost section), 0 = off",
+        group="augmentation",
+        minimum=0.0,
+        maximum=1.0,
+        metavar="P",
+    )
+    misaligned_sections: float = setting(
+        0.1,
+        "with --z-context: probability that the sections past a random cut are shifted as one slab by up to "
+        "--misalign-px (a registration error), 0 = off",
+        group="augmentation",
+        minimum=0.0,
+        maximum=1.0,
+        metavar="P",
+    )
+    misalign_px: float = setting(
+        8.0,
+        "largest shift of a misaligned slab, pixels",
+        group="augmentation",
+        minimum=0.0,
+        maximum=256.0,
+        metavar="PX",
+    )
+    section_jitter: float = setting(
+        0.05,
+        "with --z-context: each section's own brightness shift (+-J) and contrast factor (1 +- 2J), 0 = off",
+        group="augmentation",
+        minimum=0.0,
+        maximum=0.5,
+        metavar="J",
+    )
     precision: str = setting(
         "auto", "auto: bfloat16 where the CPU/GPU supports it, else float32", group="runtime", choices=PRECISIONS
     )
@@ -292,6 +355,29 @@ class TrainConfig(Settings):
         for name in ("run_name", "model_name"):
             check_folder_name(name, getattr(self, name))
         self.affinity_offsets()
+        if self.model == "unet" and self.z_context % 2 == 0:
+            raise ConfigError(
+                f"--z-context {self.z_context}: the 2-D U-Net predicts the middle section of its K input sections, "
+                f"so K must be odd (e.g. {self.z_context - 1} or {self.z_context + 1})"
+            )
+        if self.model == "unet3d" and self.target == "affinities":
+            raise ConfigError("--model unet3d learns the membrane probability only: train it with --target boundary")
+        if self.voxel_size is not None:
+            self.voxel_size_nm()
+
+    def voxel_size_nm(self) -> tuple[float, float, float] | None:
+        """``voxel_size`` parsed: (z, y, x) nm, or None when not given."""
+        if self.voxel_size is None:
+            return None
+        try:
+            values = tuple(float(v) for v in self.voxel_size.replace(" ", "").split(","))
+        except ValueError:
+            values = ()
+        if len(values) != 3 or not all(0.0 < v < float("inf") for v in values):
+            raise ConfigError(
+                f"--voxel-size {self.voxel_size!r}: must be three positive numbers Z,Y,X in nm, e.g. 50,4,4"
+            )
+        return values
 
     def affinity_offsets(self) -> Offsets:
         """The offsets the U-Net learns affinities for: none with ``target`` boundary (checked either way)."""
@@ -314,6 +400,11 @@ class TrainConfig(Settings):
             elastic_sigma_px=self.elastic_sigma_px,
             elastic_points=self.elastic_points,
             elastic_backend=self.elastic_backend,
+            z_flips=self.z_flips,
+            missing_sections=self.missing_sections,
+            misaligned_sections=self.misaligned_sections,
+            misalign_px=self.misalign_px,
+            section_jitter=self.section_jitter,
         )
 
 

@@ -36,7 +36,7 @@ from em_unet.inference.predict import (
     resolve_model_path,
 )
 from em_unet.inference.tiling import Tiling
-from em_unet.io.stacks import scale_to_unit, volume_intensity_range
+from em_unet.io.stacks import scale_to_unit, volume_intensity_range, z_context_indices
 from em_unet.io.volumes import open_volume, parse_address
 from em_unet.io.writers import ResumeMarkers, check_volume_output, open_output, output_kind
 from em_unet.machine import cpu_cores, gpu_count, import_tensorflow_quietly
@@ -103,16 +103,21 @@ def predict_block(
     affinities into ``affinities``, ``(c, z, y, x)``) and mark it done when given (Zarr), else return it (the
     client writes HDF5): ``(z, y, x)``, or with ``job.channels`` ``(1 + c, z, y, x)``."""
     predictor = worker_predictor(job.model, job.threads)
-    _, height, width = source.shape
+    sections, height, width = source.shape
     grid = job.tiling.grid(height, width)
     rows, cols = grid.padded_index(0), grid.padded_index(1)
+    z_context = getattr(predictor, "z_context", 1)
 
     def reader(z):
         def read_padded(r0, r1, c0, c1):
             row_index, col_index = rows[r0:r1], cols[c0:c1]
-            window = source[z, row_index.min() : row_index.max() + 1, col_index.min() : col_index.max() + 1]
-            window = window[np.ix_(row_index - row_index.min(), col_index - col_index.min())]
-            return scale_to_unit(window, job.low, job.high)
+            box = (slice(row_index.min(), row_index.max() + 1), slice(col_index.min(), col_index.max() + 1))
+            pick = np.ix_(row_index - row_index.min(), col_index - col_index.min())
+            if z_context == 1:
+                return scale_to_unit(source[(z, *box)][pick], job.low, job.high)
+            # the z halo: K // 2 sections each side, mirrored at the volume's ends, as in memory
+            context = [source[(int(i), *box)][pick] for i in z_context_indices(z, sections, z_context)]
+            return scale_to_unit(np.stack(context, axis=-1), job.low, job.high)
 
         return read_padded
 

@@ -1,7 +1,10 @@
 """Export for TF Serving: ``saved_models/<model_name>/<version>/`` with a ``serving_default`` signature.
 
 Input ``image``: float32 ``[batch, height, width, 1]`` in [0, 1] (sides multiples of
-``2**depth``); output ``membrane_probability``: float32, same shape; an affinity U-Net also returns
+``2**depth``), ``[batch, height, width, K]`` for a U-Net with ``--z-context K`` (the section and its z-context
+in z order, the middle one predicted), or ``[batch, z, height, width, 1]`` for a 3-D U-Net (every section
+predicted; the trained z-patch kept as the variable collection ``z_context``); output
+``membrane_probability``: float32, the input's shape with one channel; an affinity U-Net also returns
 ``affinities``: float32 ``[batch, height, width, offsets]``, channel c for offset c of the model's
 ``affinity_offsets``, which the SavedModel keeps as a variable collection of that name (``loaded.affinity_offsets[0]``,
 int32 ``[offsets, 2]``, (dy, dx) pixels) and ``model.keras`` in its output layer. Versions are
@@ -30,8 +33,15 @@ import keras
 import tensorflow as tf
 
 from em_unet.errors import EmUnetError
-from em_unet.inference.predict import affinity_offsets_of, load_keras_model, resolve_model_path
-from em_unet.inference.serving import AFFINITIES_NAME, INPUT_NAME, OUTPUT_NAME, SIGNATURE, next_version
+from em_unet.inference.predict import affinity_offsets_of, load_keras_model, resolve_model_path, z_context_of
+from em_unet.inference.serving import (
+    AFFINITIES_NAME,
+    INPUT_NAME,
+    OUTPUT_NAME,
+    SIGNATURE,
+    Z_CONTEXT_NAME,
+    next_version,
+)
 from em_unet.io.files import check_free_space, check_writable, new_folder
 from em_unet.machine import precision_policy
 from em_unet.segmentation.offsets import OFFSETS_ATTRIBUTE
@@ -182,9 +192,13 @@ def export_saved_model(
     if offsets:
         offsets_variable = tf.Variable(offsets, dtype=tf.int32, trainable=False, name=OFFSETS_ATTRIBUTE)
         archive.add_variable_collection(OFFSETS_ATTRIBUTE, [offsets_variable])
-    archive.add_endpoint(
-        name=SIGNATURE, fn=serve, input_signature=[tf.TensorSpec([None, None, None, 1], tf.float32, name=INPUT_NAME)]
-    )
+    z_context, volumetric = z_context_of(served)
+    if volumetric:  # [batch, z, y, x, 1]; the trained z-patch, which prediction reads windows of, kept beside it
+        shape = [None, None, None, None, 1]
+        archive.add_variable_collection(Z_CONTEXT_NAME, [tf.Variable(z_context, dtype=tf.int32, trainable=False)])
+    else:  # [batch, y, x, K]: the section and its z-context as channels (K = 1 without)
+        shape = [None, None, None, z_context]
+    archive.add_endpoint(name=SIGNATURE, fn=serve, input_signature=[tf.TensorSpec(shape, tf.float32, name=INPUT_NAME)])
     try:
         with new_folder(model_dir):  # removes the folders it made if the export fails
             tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=model_dir))

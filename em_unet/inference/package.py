@@ -494,7 +494,7 @@ def _source(model_path: Path, run_dir: str | Path | None, staging: Path) -> _Sou
         from em_unet.inference.export import export_saved_model  # lazy: export imports TensorFlow at its top
 
         model = load_keras_model(model_path)
-        if model.input_shape[-1] != 1 or model.output_shape[-1] != 1:
+        if len(model.input_shape) == 4 and (model.input_shape[-1] != 1 or model.output_shape[-1] != 1):
             raise EmUnetError(
                 f"{model_path}: the model takes {model.input_shape[-1]} channels and gives {model.output_shape[-1]}; "
                 "em-unet packages one-channel EM U-Nets with one membrane-probability output"
@@ -505,6 +505,11 @@ def _source(model_path: Path, run_dir: str | Path | None, staging: Path) -> _Sou
         saved_model, original = model_path, "tensorflow_saved_model_bundle"
         model = load_keras_model(model_path / "model.keras") if (model_path / "model.keras").is_file() else None
     predictor, offsets = load_saved_model(saved_model)  # one-line errors for a SavedModel that is not em-unet's
+    if predictor.volumetric or predictor.z_context > 1:
+        raise EmUnetError(
+            f"{model_path}: a U-Net with z-context ({predictor.z_context} sections"
+            f"{', 3-D' if predictor.volumetric else ''}); em-unet packages one-section 2-D U-Nets only so far"
+        )
     if offsets:
         raise EmUnetError(
             f"{model_path}: an affinity U-Net ({len(offsets)} affinity channels beside the membrane probability); "

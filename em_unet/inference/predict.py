@@ -22,9 +22,9 @@ from tqdm import tqdm
 
 from em_unet.config import PredictConfig
 from em_unet.errors import EmUnetError
-from em_unet.inference.serving import AFFINITIES_NAME, INPUT_NAME, OUTPUT_NAME, SIGNATURE, versions
+from em_unet.inference.serving import AFFINITIES_NAME, INPUT_NAME, OUTPUT_NAME, SIGNATURE, Z_CONTEXT_NAME, versions
 from em_unet.inference.tiling import TileGrid, Tiling
-from em_unet.io.stacks import iter_image_slices, stack_shape
+from em_unet.io.stacks import iter_image_slices, stack_shape, z_windows
 from em_unet.io.writers import check_output, check_output_space, open_output, output_kind
 from em_unet.segmentation.affinities import shifted
 from em_unet.segmentation.offsets import OFFSETS_ATTRIBUTE
@@ -82,15 +82,43 @@ def load_predictor(path: str | Path) -> Callable[[np.ndarray], np.ndarray]:
             ) from None
 
     checked.affinity_offsets = offsets
+    checked.z_context = getattr(predictor, "z_context", 1)
+    checked.volumetric = getattr(predictor, "volumetric", False)
     return checked
 
 
+def section_predictor(run: Callable[[np.ndarray], np.ndarray], z_context: int, volumetric: bool):
+    """A predictor of tiles ``(n, y, x, z_context)`` (each tile's section with its z-context, in z order) from
+    ``run``, a model's forward pass: the 2-D U-Net takes the sections as channels; a 3-D U-Net takes them as a
+    z-patch ``(n, z, y, x, 1)`` and its output for the middle section (``z_context // 2``) is kept. The
+    predictor's ``z_context`` says how many sections its tiles hold."""
+
+    def predict(tiles: np.ndarray) -> np.ndarray:
+        if not volumetric:
+            return run(tiles)
+        return run(np.ascontiguousarray(np.moveaxis(tiles, -1, 1)[..., None]))[:, z_context // 2]
+
+    predict.z_context, predict.volumetric = z_context, volumetric
+    return predict
+
+
+def z_context_of(model) -> tuple[int, bool]:
+    """How many sections a Keras U-Net's tiles hold, and whether it is a 3-D U-Net: the 2-D U-Net's input
+    channels; a 3-D U-Net's trained z-patch (kept by its input check,
+    :class:`~em_unet.training.model.InputSizeCheck`)."""
+    shape = model.input_shape
+    if len(shape) == 4:
+        return int(shape[-1] or 1), False
+    check = next((layer for layer in model.layers if type(layer).__name__ == "InputSizeCheck"), None)
+    return int(getattr(check, "z_context", 0) or getattr(check, "z_step", 1) or 1), True
+
+
 def keras_predictor(model) -> Callable[[np.ndarray], np.ndarray]:
-    """Tiles -> probabilities through a Keras model, traced once per tile shape."""
+    """Tiles -> probabilities through a Keras model, traced once per tile shape (see :func:`section_predictor`)."""
     import tensorflow as tf  # lazy: TensorFlow only where a model runs
 
     serve = tf.function(lambda x: model(x, training=False), autograph=False)  # a plain call: nothing to convert
-    return lambda tiles: serve(tf.constant(tiles)).numpy()
+    return section_predictor(lambda tiles: serve(tf.constant(tiles)).numpy(), *z_context_of(model))
 
 
 def _first_line(err: BaseException, limit: int = 200) -> str:
@@ -166,6 +194,9 @@ def load_saved_model(path: Path):
             f"input {INPUT_NAME!r} and output {OUTPUT_NAME!r}"
         )
     offsets = tuple(map(tuple, loaded.affinity_offsets[0].numpy().tolist())) if AFFINITIES_NAME in outputs else ()
+    shape = signature.structured_input_signature[1][INPUT_NAME].shape
+    volumetric = shape.rank == 5
+    z_context = int(getattr(loaded, Z_CONTEXT_NAME)[0].numpy()) if volumetric else int(shape[-1] or 1)
 
     def predict(tiles, _keep=loaded):  # the loaded object owns the variables the signature reads: keep it alive
         outputs = signature(**{INPUT_NAME: tf.constant(tiles)})
@@ -173,7 +204,7 @@ def load_saved_model(path: Path):
             return outputs[OUTPUT_NAME].numpy()
         return np.concatenate([outputs[OUTPUT_NAME].numpy(), outputs[AFFINITIES_NAME].numpy()], axis=-1)
 
-    return predict, offsets
+    return section_predictor(predict, z_context, volumetric), offsets
 
 
 def affinity_offsets_of(model) -> tuple[tuple[int, int], ...]:
@@ -332,7 +363,7 @@ def predict_regions(
     batch: list[tuple[_Blend, tuple[int, int], int, tuple[int, int]]] = []  # (region, tile origin, view, shape)
 
     def run(batch):
-        tiles = np.stack([_dihedral(blend.tile(origin)[None, ..., None], k)[0] for blend, origin, k, _ in batch])
+        tiles = np.stack([_dihedral(_with_sections(blend.tile(origin))[None], k)[0] for blend, origin, k, _ in batch])
         out = predictor(np.ascontiguousarray(tiles))
         for (blend, origin, k, _), output in zip(batch, out):
             blend.add(origin, *_turned_back(output[..., :count], k, offsets, turned[k]))
@@ -358,13 +389,19 @@ def predict_regions(
     yield from finished()
 
 
+def _with_sections(tile: np.ndarray) -> np.ndarray:
+    """A tile ``(y, x)`` of one section, or ``(y, x, K)`` of a section with its z-context, as ``(y, x, K)``."""
+    return tile[..., None] if tile.ndim == 2 else tile
+
+
 def _whole_slice(image: np.ndarray, tiling: Tiling):
-    """``(read_padded, grid, region)`` of a whole 2-D slice for :func:`predict_regions`."""
-    height, width = image.shape
+    """``(read_padded, grid, region)`` of a whole 2-D slice ``(y, x)``, or of a slice with its z-context ``(y,
+    x, K)``, for :func:`predict_regions`."""
+    height, width = image.shape[:2]
     grid = tiling.grid(height, width)
     padded_h, padded_w = grid.padded_shape
     margin = tiling.margin
-    pad = ((margin, padded_h - height - margin), (margin, padded_w - width - margin))
+    pad = ((margin, padded_h - height - margin), (margin, padded_w - width - margin)) + ((0, 0),) * (image.ndim - 2)
     padded = np.pad(image.astype(np.float32, copy=False), pad, mode=grid.pad_mode)
     return (lambda r0, r1, c0, c1: padded[r0:r1, c0:c1]), grid, (0, height, 0, width)
 
@@ -387,12 +424,22 @@ def predict_stack(
     tta: bool = PredictConfig.tta,
     progress: bool = False,
     channels: bool = False,
+    count: int | None = None,
 ) -> Iterator[np.ndarray]:
     """Yield the membrane probability of each float32 slice in [0, 1] of ``images`` (an array or an
     iterator), in order; with ``channels`` all the model's outputs ``(channels, y, x)`` (see
-    :func:`predict_regions`). Slices smaller than a tile share forward passes of ``tiling.tile_batch`` tiles."""
+    :func:`predict_regions`). Slices smaller than a tile share forward passes of ``tiling.tile_batch`` tiles.
+
+    A predictor with z-context (its ``z_context`` K > 1) gets each slice with the K // 2 sections before it and
+    those after it, mirrored at the ends of ``images`` (``count`` slices: needed when ``images`` is an
+    iterator)."""
+    total = len(images) if hasattr(images, "__len__") else count
+    z_context = getattr(predictor, "z_context", 1)
+    if z_context > 1:
+        if total is None:
+            raise ValueError("predict_stack: give count, the number of slices, for a model with z-context")
+        images = z_windows(images, total, z_context)
     regions = (_whole_slice(image, tiling) for image in images)
-    total = len(images) if hasattr(images, "__len__") else None
     yield from tqdm(
         predict_regions(predictor, regions, tiling.tile_batch, tta, channels),
         desc="predicting",
@@ -492,7 +539,8 @@ def predict_file(
                     channel_names=affinity_channel_names(offsets),
                 )
             )
-        for outputs_of_slice in predict_stack(predictor, images, tiling, tta, progress, channels=bool(offsets)):
+        slices = predict_stack(predictor, images, tiling, tta, progress, channels=bool(offsets), count=shape[0])
+        for outputs_of_slice in slices:
             probability = outputs_of_slice[0] if offsets else outputs_of_slice
             value = 1.0 - probability if isbi else probability
             writer.write(np.where(value > 0.5, 255, 0) if binary else value)

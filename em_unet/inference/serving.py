@@ -1,7 +1,9 @@
 """TF Serving's layout, without TensorFlow: ``<models dir>/<model name>/<version>/`` holding a SavedModel
 whose ``serving_default`` signature takes ``image`` (float32 ``[batch, height, width, 1]`` in [0, 1]) and
 returns ``membrane_probability`` (float32, same shape), and for an affinity U-Net ``affinities`` (float32
-``[batch, height, width, offsets]``). :mod:`.export` writes it, :mod:`.predict` reads it."""
+``[batch, height, width, offsets]``); with z-context ``image`` is ``[batch, height, width, K]`` (2.5-D) or
+``[batch, z, height, width, 1]`` (a 3-D U-Net, whose output has the same z). :mod:`.export` writes it,
+:mod:`.predict` reads it."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ SIGNATURE = "serving_default"
 INPUT_NAME = "image"
 OUTPUT_NAME = "membrane_probability"
 AFFINITIES_NAME = "affinities"
+Z_CONTEXT_NAME = "z_context"  # a 3-D U-Net's SavedModel: the z-patch (sections) it was trained on
 
 
 def _version_number(name: str) -> int | None:

@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -245,6 +245,44 @@ def _tiff_slices(path: Path) -> tuple[int, tuple[int, int]]:
         raise DataError(f"{path}: the TIFF holds no slices (empty stack)")
     count = sum(p.shape[0] if isinstance(p, TiffPageSeries) and len(p.shape) == 3 else 1 for p in parts)
     return count, tuple(parts[0].shape[-2:])
+
+
+def mirrored_sections(index, count: int) -> np.ndarray:
+    """Section indices mirrored into a stack of ``count`` sections about its end sections, without repeating
+    them (NumPy's ``reflect``: -1 -> 1, count -> count - 2); all 0 for one section. The z-context of the first
+    and last sections of a stack (or of a training or validation block)."""
+    index = np.asarray(index)
+    if count == 1:
+        return np.zeros_like(index)
+    period = 2 * count - 2
+    index = np.mod(index, period)
+    return np.where(index >= count, period - index, index)
+
+
+def z_context_indices(section: int, count: int, z_context: int) -> np.ndarray:
+    """The ``z_context`` sections (in z order) around ``section`` of a stack of ``count``: ``z_context // 2``
+    before it, the rest after, mirrored at the stack's ends (:func:`mirrored_sections`)."""
+    start = section - z_context // 2
+    return mirrored_sections(np.arange(start, start + z_context), count)
+
+
+def z_windows(slices: Iterable[np.ndarray], count: int, z_context: int) -> Iterator[np.ndarray]:
+    """Each of the ``count`` sections of ``slices`` (read once, in order) with its z-context as a ``(y, x,
+    z_context)`` stack (:func:`z_context_indices`); only the sections still needed are held."""
+    source = iter(slices)
+    held: dict[int, np.ndarray] = {}
+    read = 0
+    for section in range(count):
+        wanted = z_context_indices(section, count, z_context)
+        while read <= wanted.max():
+            held[read] = next(source)
+            read += 1
+        yield np.stack([held[int(i)] for i in wanted], axis=-1)
+        # later windows reach back at most z_context sections (mirrored ends stay inside their own window)
+        following = range(section + 1, min(count, section + 1 + z_context))
+        needed = {int(i) for later in following for i in z_context_indices(later, count, z_context)}
+        for index in [i for i in held if i not in needed]:
+            del held[index]
 
 
 def stack_shape(path: str | Path) -> tuple[int, int, int]:

@@ -933,3 +933,49 @@ def _write_multiscales(group: Any, zarr_format: int, channels: bool = False) -> 
         axes=[{"name": "c", "type": "channel"}] * channels + [{"name": name, "type": "space"} for name in "zyx"],
         name=group.basename or "image",
     )
+
+
+# ---------------------------------------------------------------- metadata
+
+NANOMETRES_PER_UNIT = {"picometer": 1e-3, "angstrom": 0.1, "nanometer": 1.0, "micrometer": 1e3, "millimeter": 1e6}
+
+
+def voxel_size_nm(address: str | Path, key: str | None = None) -> tuple[float, float, float] | None:
+    """The voxel size (z, y, x, nm) an OME-Zarr image's metadata records for the level read: the scale of its
+    dataset (times the image's own scale, if any) on the spatial axes z, y, x, each with a length unit. None when
+    the volume is not an OME-Zarr image or its axes have no units (a scale without a unit says nothing of nm)."""
+    location = parse_address(address, key)
+    if location.kind not in ("zarr", "ome-zarr"):
+        return None
+    zarr = _zarr()
+    try:
+        root = zarr.open(store=str(location.path), mode="r")
+        node = root[location.key] if location.key else root
+        multiscales = _multiscales(node) if isinstance(node, zarr.Group) else None
+    except Exception:  # not a store we read: open_volume says why, where it matters
+        return None
+    if not multiscales:
+        return None
+    image = multiscales[0]
+    axes = [a for a in image.get("axes", []) if isinstance(a, dict)]
+    datasets = image.get("datasets", [])
+    if not axes or len(datasets) <= location.level:
+        return None
+    scale = np.ones(len(axes))
+    for transforms in (
+        datasets[location.level].get("coordinateTransformations"),
+        image.get("coordinateTransformations"),
+    ):
+        for transform in transforms or []:
+            if (
+                isinstance(transform, dict)
+                and transform.get("type") == "scale"
+                and len(transform["scale"]) == len(axes)
+            ):
+                scale = scale * np.asarray(transform["scale"], float)
+    found = {}
+    for axis, value in zip(axes, scale):
+        unit = NANOMETRES_PER_UNIT.get(str(axis.get("unit", "")).lower())
+        if axis.get("name") in ("z", "y", "x") and unit is not None and value > 0:
+            found[axis["name"]] = float(value) * unit
+    return (found["z"], found["y"], found["x"]) if len(found) == 3 else None

@@ -24,9 +24,10 @@ import numpy as np
 import tensorflow as tf
 
 from em_unet.config import TrainConfig
-from em_unet.errors import DataError, EmUnetError
+from em_unet.errors import ConfigError, DataError, EmUnetError, ModelInputError
 from em_unet.io.stacks import label_convention_of, load_labelled_stack, volume_intensity_range
-from em_unet.io.volumes import is_volume_address, open_volume
+from em_unet.io.volumes import is_volume_address, open_volume, voxel_size_nm
+from em_unet.machine import gpu_count
 from em_unet.segmentation.affinities import cell_ids
 from em_unet.training.augment import AugmentConfig, augment_batch, resolve_placement
 from em_unet.training.data import (
@@ -34,6 +35,7 @@ from em_unet.training.data import (
     LazyTargets,
     as_channels_last,
     check_patch_size,
+    section_windows,
     split_slices,
     training_dataset,
     validation_dataset,
@@ -41,7 +43,7 @@ from em_unet.training.data import (
 from em_unet.training.distribute import shardable
 from em_unet.training.keras_patches import averaged_weights, multi_worker_fit
 from em_unet.training.losses import border_weight_map, metrics, training_loss
-from em_unet.training.model import build_unet
+from em_unet.training.model import anisotropic_levels, build_unet, build_unet3d, check_z_size, z_step
 from em_unet.training.optimizers import learning_rate_schedule, make_optimizer
 
 # ---------------------------------------------------------------- data
@@ -64,6 +66,8 @@ def prepare_data(config: TrainConfig) -> PreparedData:
     (:class:`~em_unet.training.data.LazyImages`, :class:`~em_unet.training.data.LazyTargets`) from which training
     crops and validation tiles are read as they are needed; their intensity range and label values are checked in
     one pass over the chunks first."""
+    check_model_shape(config)
+    training_precision(config)
     if is_volume_address(config.data) or is_volume_address(config.labels):
         return _prepare_volumes(config)
     images, targets = load_labelled_stack(config.data, config.labels, config.label_convention)
@@ -117,6 +121,49 @@ def _prepare_volumes(config: TrainConfig) -> PreparedData:
     )
 
 
+def model_voxel_size(config: TrainConfig) -> tuple[float, float, float] | None:
+    """The voxel size (z, y, x, nm) a 3-D U-Net is shaped for: ``--voxel-size``, else the OME-Zarr metadata of
+    ``--data``; None for the 2-D U-Net. A one-line error when a 3-D U-Net has neither."""
+    if not volumetric(config):
+        return None
+    given = config.voxel_size_nm()
+    found = given or (voxel_size_nm(config.data) if is_volume_address(config.data) else None)
+    if found is None:
+        raise DataError(
+            f"--model unet3d: {config.data} records no voxel size (only OME-Zarr metadata with units does): give "
+            "--voxel-size Z,Y,X in nm (ISBI 2012: 50,4,4)"
+        )
+    return found
+
+
+def check_model_shape(config: TrainConfig) -> None:
+    """Refuse, before any data are read, a z-patch the 3-D U-Net's z-pooling does not take (the 2-D U-Net's
+    rules are checked with the settings)."""
+    voxel_size = model_voxel_size(config)
+    if voxel_size is None:
+        return
+    try:
+        check_z_size(config.z_context, z_step(anisotropic_levels(config.depth, voxel_size)))
+    except ModelInputError as err:
+        raise ConfigError(f"--z-context {config.z_context}: {err} at --depth {config.depth}") from None
+
+
+def training_precision(config: TrainConfig) -> str:
+    """The ``--precision`` a run trains in: as given, except that a 3-D U-Net trains in float32 on CPUs
+    (``auto``), where TensorFlow 2.21's oneDNN 3-D convolutions in bfloat16 crash the process (a segmentation
+    fault on this project's Xeon with AMX); given explicitly there, it is refused in one line."""
+    if not volumetric(config) or gpu_count():
+        return config.precision
+    if config.precision == "auto":
+        return "float32"
+    if config.precision != "float32":
+        raise ConfigError(
+            f"--precision {config.precision} with --model unet3d on a CPU: TensorFlow's 3-D convolutions crash in "
+            "half precision there; use --precision float32 (or auto)"
+        )
+    return config.precision
+
+
 def check_interior(cells, labels: str) -> None:
     """Refuse, for ``--target affinities``, training labels without a cell interior: no pair of pixels in the
     same cell, so the affinities would learn only 0 (``cells``: cell ids of each training slice)."""
@@ -142,15 +189,22 @@ def _split(config: TrainConfig, n_slices: int) -> tuple[np.ndarray, np.ndarray]:
     return train_slices, val_slices
 
 
-def default_steps_per_epoch(train_shape, patch_size: int, batch_size: int) -> int:
-    """Enough batches to cover the training slices' area once per epoch."""
+def default_steps_per_epoch(train_shape, patch_size: int, batch_size: int, sections_per_crop: int = 1) -> int:
+    """Enough batches to cover the training slices' area once per epoch (a 3-D U-Net's crop covers
+    ``sections_per_crop`` sections)."""
     n, height, width = train_shape[:3]
-    return max(1, round(n * height * width / (patch_size * patch_size * batch_size)))
+    return max(1, round(n * height * width / (patch_size * patch_size * batch_size * sections_per_crop)))
+
+
+def volumetric(config: TrainConfig) -> bool:
+    """True for a 3-D U-Net: it takes and predicts z-patches of ``z_context`` sections."""
+    return config.model == "unet3d"
 
 
 def steps_per_epoch(config: TrainConfig, data: PreparedData) -> int:
+    sections = config.z_context if volumetric(config) else 1
     return config.steps_per_epoch or default_steps_per_epoch(
-        data.train_images.shape, config.patch_size, config.batch_size
+        data.train_images.shape, config.patch_size, config.batch_size, sections
     )
 
 
@@ -158,12 +212,26 @@ def make_datasets(
     config: TrainConfig, data: PreparedData, placement: str, start_batch: int = 0
 ) -> tuple[tf.data.Dataset, tf.data.Dataset]:
     """Training batches (augmented here when ``placement`` is ``"pipeline"``) from batch ``start_batch`` of the
-    stream on, and validation tiles."""
+    stream on, and validation tiles. With z-context, each sample's sections come from its own block (training
+    or validation), mirrored at the block's ends (:func:`~em_unet.training.data.section_windows`)."""
     augment = config.augment_config() if placement == "pipeline" else None
+    volume = volumetric(config)
+    train_windows = section_windows(data.train_slices, config.z_context, volume)
+    val_windows = section_windows(data.val_slices, config.z_context, volume)
     train = training_dataset(
-        data.train_images, data.train_targets, config.patch_size, config.batch_size, config.seed, augment, start_batch
+        data.train_images,
+        data.train_targets,
+        config.patch_size,
+        config.batch_size,
+        config.seed,
+        augment,
+        start_batch,
+        train_windows,
+        volume,
     )
-    val = validation_dataset(data.val_images, data.val_targets, config.patch_size, config.batch_size)
+    val = validation_dataset(
+        data.val_images, data.val_targets, config.patch_size, config.batch_size, val_windows, volume
+    )
     return train, val
 
 
@@ -201,7 +269,18 @@ def build_model(config: TrainConfig, steps: int, placement: str) -> tuple[keras.
     """The compiled model to fit and the U-Net inside it (the same object unless augmentation runs in the
     training step). Call it inside the strategy's scope (KerasTuner does that for its ``build``)."""
     offsets = config.affinity_offsets()
-    unet = build_unet(config.depth, config.base_filters, batch_norm=config.batch_norm, affinity_offsets=offsets)
+    if volumetric(config):
+        unet = build_unet3d(
+            config.depth, config.base_filters, model_voxel_size(config), config.z_context, batch_norm=config.batch_norm
+        )
+    else:
+        unet = build_unet(
+            config.depth,
+            config.base_filters,
+            channels=config.z_context,
+            batch_norm=config.batch_norm,
+            affinity_offsets=offsets,
+        )
     model = StepAugmentedModel(unet, config.augment_config(), config.seed) if placement == "step" else unet
     rate = learning_rate_schedule(config.learning_rate, config.lr_schedule, steps * config.epochs)
     model.compile(
@@ -526,7 +605,7 @@ def restore_training_state(model: keras.Model, backup: BackupState) -> None:
     """Load the backup's weights and optimizer state (step counter included) into ``model``, a fresh model from
     :func:`build_model` with the run's settings; call it inside the strategy's scope."""
     if not model.built:  # a training wrapper is built on its first call: build it on an input of any size
-        model.build((None, None, None, 1))
+        model.build(model.inner.input_shape)
     model.optimizer.build(model.trainable_variables)  # its slots must exist to be loaded into
     try:
         model.load_weights(backup.weights)

@@ -59,6 +59,11 @@ class AugmentConfig:
     elastic_backend: str = "tensorflow"
     brightness: float = 0.1
     contrast_range: tuple[float, float] = (0.8, 1.2)
+    z_flips: bool = True
+    missing_sections: float = 0.05
+    misaligned_sections: float = 0.1
+    misalign_px: float = 8.0
+    section_jitter: float = 0.05
 
     def __post_init__(self):
         if self.elastic_backend not in ELASTIC_BACKENDS:
@@ -306,21 +311,28 @@ def _elasticdeform_reference(images, masks, control_displacement):
 
 
 def augment_batch(images, masks, seed, config: AugmentConfig | None = None):
-    """Augment a batch: one affine + elastic resampling pass shared by image and mask, then intensity.
+    """Augment a batch: one affine + elastic resampling pass shared by image and mask, then intensity; with
+    several sections (z-context), the section transforms after them (:func:`augment_sections`).
 
     Args:
-        images: float32 ``(batch, height, width, 1)`` in [0, 1].
-        masks: ``(batch, height, width, channels)`` labels, resampled by nearest
-            neighbour; extra channels (e.g. loss weight maps) travel with the mask.
+        images: float32 ``(batch, height, width, sections)`` in [0, 1] (sections: 1, or the K sections of
+            ``--z-context`` in z order), or ``(batch, z, height, width, 1)`` z-patches of a 3-D U-Net.
+        masks: ``(batch, height, width, channels)`` labels (of the middle section), resampled by nearest
+            neighbour; extra channels (e.g. loss weight maps) travel with the mask; with z-patches
+            ``(batch, z, height, width, channels)``, each section's labels.
         seed: int ``(2,)`` tensor; the same seed gives the same output.
         config: transform ranges; defaults to :class:`AugmentConfig`.
 
     Returns:
-        ``(images, masks)`` with the input shapes and dtypes.
+        ``(images, masks)`` with the input shapes and dtypes. The spatial transform is one 2-D transform for all
+        sections of a crop, as is usual for anisotropic stacks.
     """
     config = config or AugmentConfig()
     images = tf.convert_to_tensor(images, tf.float32)
     masks = tf.convert_to_tensor(masks)
+    volumetric = len(images.shape) == 5
+    if volumetric:
+        images, masks = sections_as_channels(images, masks)
     seed = tf.cast(tf.convert_to_tensor(seed), tf.int64)
     batch = tf.shape(images)[0]
     affine_seed, elastic_seed, intensity_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3, alg=RNG))
@@ -328,7 +340,96 @@ def augment_batch(images, masks, seed, config: AugmentConfig | None = None):
     control = random_control_displacement(elastic_seed, batch, config) if config.elastic else None
     contrast, brightness = random_intensity(intensity_seed, batch, config)
     transform = ELASTIC_BACKENDS[config.elastic_backend]
-    return transform(images, masks, matrix, translation, control, contrast, brightness)
+    images, masks = transform(images, masks, matrix, translation, control, contrast, brightness)
+    if images.shape[-1] > 1:  # its own stream: 2-D crops augment as they did before z-context existed
+        section_seed = tf.random.experimental.stateless_fold_in(seed, SECTION_STREAM, alg=RNG)
+        images, masks = augment_sections(images, masks, section_seed, config, volumetric)
+    if volumetric:
+        images, masks = channels_as_sections(images, masks)
+    return images, masks
+
+
+SECTION_STREAM = 3  # folded into a batch's seed for the section transforms
+
+
+def sections_as_channels(images, masks):
+    """z-patches ``(b, z, h, w, 1)`` and their labels ``(b, z, h, w, c)`` as 2-D crops whose channels are the
+    sections: ``(b, h, w, z)`` and ``(b, h, w, z * c)`` (section-major), so one 2-D transform moves them all."""
+    sections, channels = images.shape[1], masks.shape[-1]
+    images = tf.transpose(images[..., 0], [0, 2, 3, 1])
+    masks = tf.transpose(masks, [0, 2, 3, 1, 4])
+    shape = tf.shape(masks)
+    return images, tf.reshape(masks, [shape[0], shape[1], shape[2], sections * channels])
+
+
+def channels_as_sections(images, masks):
+    """The inverse of :func:`sections_as_channels`."""
+    sections = images.shape[-1]
+    shape = tf.shape(masks)
+    masks = tf.reshape(masks, [shape[0], shape[1], shape[2], sections, masks.shape[-1] // sections])
+    return tf.transpose(images, [0, 3, 1, 2])[..., None], tf.transpose(masks, [0, 3, 1, 2, 4])
+
+
+def _translated(stack, shift):
+    """``stack`` (b, h, w, c) moved by whole pixels ``shift`` (b, 2: rows, columns), mirrored at the borders."""
+    shape = tf.shape(stack)
+    rows = _mirror_index(tf.range(shape[1])[None] - shift[:, :1], shape[1])
+    cols = _mirror_index(tf.range(shape[2])[None] - shift[:, 1:], shape[2])
+    stack = tf.gather(stack, rows, axis=1, batch_dims=1)
+    return tf.gather(stack, cols, axis=2, batch_dims=1)
+
+
+def augment_sections(images, masks, seed, config: AugmentConfig, volumetric: bool = False):
+    """The EM-specific transforms of crops with several sections ``(b, h, w, K)`` (:func:`sections_as_channels`
+    for z-patches, whose ``masks`` then hold each section's labels; else ``masks`` belong to the middle section):
+
+    - z-flip: the sections' order reversed (``z_flips``, half the crops);
+    - misaligned slab: with probability ``misaligned_sections``, the sections on one side of a random cut shifted
+      together by up to ``misalign_px`` whole pixels (mirrored borders), their labels with them; for a middle
+      section's labels, the slab is always the side without the middle section;
+    - section jitter: each section's own brightness (+-``section_jitter``) and contrast (1 +- 2 x it);
+    - missing section: with probability ``missing_sections``, one section blanked to 0.
+    """
+    sections = images.shape[-1]
+    batch = tf.shape(images)[0]
+    seeds = tf.unstack(tf.random.experimental.stateless_split(seed, 8, alg=RNG))
+    if volumetric:
+        shape, flat = tf.shape(masks), masks.shape[-1]
+        masks = tf.reshape(masks, [shape[0], shape[1], shape[2], sections, flat // sections])
+    if config.z_flips:
+        flip = tf.random.stateless_uniform([batch], seeds[0], alg=RNG) < 0.5
+        images = tf.where(flip[:, None, None, None], images[..., ::-1], images)
+        if volumetric:
+            masks = tf.where(flip[:, None, None, None, None], masks[..., ::-1, :], masks)
+    if config.misaligned_sections > 0 and config.misalign_px > 0:
+        apply = tf.random.stateless_uniform([batch], seeds[1], alg=RNG) < config.misaligned_sections
+        cut = tf.random.stateless_uniform([batch, 1], seeds[2], 1, sections, dtype=tf.int32, alg=RNG)
+        index = tf.range(sections)[None]
+        slab = index >= cut if volumetric else tf.where(cut > sections // 2, index >= cut, index < cut)
+        slab = tf.logical_and(slab, apply[:, None])
+        reach = config.misalign_px
+        shift = tf.cast(tf.round(tf.random.stateless_uniform([batch, 2], seeds[3], -reach, reach, alg=RNG)), tf.int32)
+        images = tf.where(slab[:, None, None, :], _translated(images, shift), images)
+        if volumetric:
+            moved = tf.reshape(
+                _translated(tf.reshape(masks, [shape[0], shape[1], shape[2], flat]), shift), tf.shape(masks)
+            )
+            masks = tf.where(slab[:, None, None, :, None], moved, masks)
+    if config.section_jitter > 0:
+        jitter = config.section_jitter
+        brightness = tf.random.stateless_uniform([batch, sections], seeds[4], -jitter, jitter, alg=RNG)
+        contrast = tf.random.stateless_uniform([batch, sections], seeds[5], 1 - 2 * jitter, 1 + 2 * jitter, alg=RNG)
+        mean = tf.reduce_mean(images, axis=[1, 2], keepdims=True)
+        images = (images - mean) * contrast[:, None, None, :] + mean + brightness[:, None, None, :]
+        images = tf.clip_by_value(images, 0.0, 1.0)
+    if config.missing_sections > 0:
+        apply = tf.random.stateless_uniform([batch], seeds[6], alg=RNG) < config.missing_sections
+        which = tf.random.stateless_uniform([batch], seeds[7], 0, sections, dtype=tf.int32, alg=RNG)
+        blank = tf.logical_and(tf.one_hot(which, sections, on_value=True, off_value=False), apply[:, None])
+        images = tf.where(blank[:, None, None, :], 0.0, images)
+    if volumetric:
+        masks = tf.reshape(masks, [shape[0], shape[1], shape[2], flat])
+    return images, masks
 
 
 def apply_transforms(images, masks, matrix, translation, control=None, contrast=None, brightness=None):

@@ -10,7 +10,7 @@ import numpy as np
 import tensorflow as tf
 
 from em_unet.errors import DataError
-from em_unet.io.stacks import MEMBRANE_VALUE, scale_to_unit
+from em_unet.io.stacks import MEMBRANE_VALUE, mirrored_sections, scale_to_unit
 from em_unet.segmentation.affinities import cell_ids
 from em_unet.training.augment import RNG, AugmentConfig, augment_batch
 from em_unet.training.losses import border_weight_map
@@ -61,22 +61,48 @@ class LazyTargets:
         return channels[0] if len(channels) == 1 else np.stack(channels, axis=-1)
 
 
-def _read_crops(images, targets, patch_size: int):
-    """A tf.data map function reading ``(z, row, col)`` crops from lazy views (on the host)."""
+def _read_crops(images, targets, patch_size: int, sections: int, volumetric: bool):
+    """A tf.data map function reading the crops of a window of ``sections`` (positions into the lazy views) at
+    (row, col) from lazy views (on the host), laid out as :func:`_sample` says."""
     channels = targets.shape[3] if len(targets.shape) == 4 else 1
+    target_shape = ((sections,) if volumetric else ()) + (patch_size, patch_size, channels)
 
-    def read(z, row, col):
-        index = (int(z), slice(int(row), int(row) + patch_size), slice(int(col), int(col) + patch_size))
-        target = targets[index]
-        return images[index][..., None], (target[..., None] if target.ndim == 2 else target)
+    def read(window, row, col):
+        rows, cols = slice(int(row), int(row) + patch_size), slice(int(col), int(col) + patch_size)
+        image = np.stack([images[(int(z), rows, cols)] for z in window])
+        chosen = window if volumetric else window[len(window) // 2 : len(window) // 2 + 1]
+        target = np.stack([as_channels_last(targets[(int(z), rows, cols)][None])[0] for z in chosen])
+        return image.astype(np.float32), target.astype(np.float32) if volumetric else target[0].astype(np.float32)
 
-    def crop(z, row, col):
-        image, target = tf.numpy_function(read, [z, row, col], (tf.float32, tf.float32), stateful=False)
-        return tf.ensure_shape(image, (patch_size, patch_size, 1)), tf.ensure_shape(
-            target, (patch_size, patch_size, channels)
-        )
+    def crop(window, row, col):
+        image, target = tf.numpy_function(read, [window, row, col], (tf.float32, tf.float32), stateful=False)
+        image = tf.ensure_shape(image, (sections, patch_size, patch_size))
+        return _sample(image, tf.ensure_shape(target, target_shape), volumetric)
 
     return crop
+
+
+def _crop_reader(images, targets, patch_size: int, sections: int, volumetric: bool):
+    """``read(window, row, col)``: the sample of a window of ``sections`` (positions into ``images``) cropped at
+    (row, col), laid out as :func:`_sample` says: in graph for arrays in memory, on the host for lazy views."""
+    if not isinstance(images, np.ndarray):
+        return _read_crops(images, targets, patch_size, sections, volumetric)
+    image_stack = tf.constant(images, tf.float32)
+    target_stack = tf.constant(as_channels_last(targets), tf.float32)
+
+    def read(window, row, col):
+        chosen = window if volumetric else window[sections // 2 : sections // 2 + 1]
+        target = _window_crop(target_stack, chosen, row, col, patch_size)
+        image = _window_crop(image_stack, window, row, col, patch_size)
+        return _sample(image, target if volumetric else target[0], volumetric)
+
+    return read
+
+
+def _sample(sections, targets, volumetric: bool):
+    """One training sample from its window's sections ``(K, y, x)``: ``(y, x, K)`` for the 2-D U-Net (the
+    sections as channels), ``(K, y, x, 1)`` for a 3-D U-Net; ``targets`` as they are."""
+    return (sections[..., None] if volumetric else tf.transpose(sections, [1, 2, 0])), targets
 
 
 # ---------------------------------------------------------------- splitting
@@ -113,6 +139,42 @@ def split_slices(
     return train, val
 
 
+# ---------------------------------------------------------------- z-context
+
+
+def contiguous_runs(slices: np.ndarray) -> list[np.ndarray]:
+    """Positions in ``slices`` (ascending section numbers) grouped into runs of consecutive sections."""
+    slices = np.asarray(slices)
+    breaks = np.flatnonzero(np.diff(slices) != 1) + 1
+    return np.split(np.arange(len(slices)), breaks)
+
+
+def section_windows(slices: np.ndarray, z_context: int = 1, volumetric: bool = False) -> np.ndarray:
+    """Which sections each training or validation sample reads: ``(samples, z_context)`` positions into
+    ``slices`` (the section numbers of the training or of the validation block, ascending).
+
+    Context never crosses from one block into another: a window is mirrored at the ends of its run of
+    consecutive sections (so validation never sees a training section, nor training a validation one). With
+    ``volumetric`` False (2-D, 2.5-D), one window per section, centred on it; with True (3-D z-patches), every
+    window of ``z_context`` consecutive sections inside a run, or the run's one mirrored window when the run is
+    shorter."""
+    half = z_context // 2
+    windows = []
+    for run in contiguous_runs(slices):
+        if not volumetric:
+            offsets = np.arange(len(run))[:, None] + np.arange(-half, z_context - half)[None]
+        else:
+            starts = np.arange(max(1, len(run) - z_context + 1))
+            offsets = starts[:, None] + np.arange(z_context)[None]
+        windows.append(run[mirrored_sections(offsets, len(run))])
+    return np.concatenate(windows).astype(np.int64)
+
+
+def _window_crop(stack, window, row, col, patch_size: int):
+    """``stack``'s sections ``window`` cropped at (row, col): ``(sections, patch, patch, ...)``."""
+    return tf.gather(stack, window)[:, row : row + patch_size, col : col + patch_size]
+
+
 # ---------------------------------------------------------------- tf.data
 
 
@@ -139,6 +201,8 @@ def training_dataset(
     seed: int = 0,
     augment: AugmentConfig | None = None,
     start_batch: int = 0,
+    windows: np.ndarray | None = None,
+    volumetric: bool = False,
 ) -> tf.data.Dataset:
     """Endless batches of random crops from random slices, optionally augmented.
 
@@ -147,7 +211,7 @@ def training_dataset(
     one gives from there: a resumed training run sees what it would have seen.
 
     Args:
-        images: float32 ``(z, y, x)`` in [0, 1] (the training slices only).
+        images: float32 ``(z, y, x)`` in [0, 1] (the training slices only), or a lazy view of them.
         targets: ``(z, y, x)`` or ``(z, y, x, c)`` targets cropped and augmented
             with the images (channel 0 is the membrane target; further channels,
             such as loss weight maps, travel with it).
@@ -156,34 +220,29 @@ def training_dataset(
         seed: the same seed gives the same batches.
         augment: transform ranges, or None for no augmentation.
         start_batch: index of the first batch (0: the start of the stream).
+        windows: the sections each sample reads (:func:`section_windows`); default one section each.
+        volumetric: samples are z-patches of a 3-D U-Net, with every section's targets.
 
     Returns:
-        A dataset of ``(images, targets)`` with shapes ``(batch, patch, patch, 1)``
-        and ``(batch, patch, patch, c)``.
+        A dataset of ``(images, targets)`` with shapes ``(batch, patch, patch, K)`` (K sections of the window,
+        1 by default) and ``(batch, patch, patch, c)`` (the middle section's); with ``volumetric``
+        ``(batch, K, patch, patch, 1)`` and ``(batch, K, patch, patch, c)``.
     """
     check_patch_size(images.shape, patch_size)
-    n_slices, height, width = images.shape[:3]
+    height, width = images.shape[1:3]
+    windows = np.arange(len(images))[:, None] if windows is None else np.asarray(windows)
     crop_seed, augment_seed = seed, seed + 1
 
     def origin(index):
         draw = tf.random.stateless_uniform([3], [crop_seed, index], 0, 2**30, dtype=tf.int64, alg=RNG)
-        return draw[0] % n_slices, draw[1] % (height - patch_size + 1), draw[2] % (width - patch_size + 1)
+        return draw[0] % len(windows), draw[1] % (height - patch_size + 1), draw[2] % (width - patch_size + 1)
 
-    if isinstance(images, np.ndarray):
-        image_stack = tf.constant(as_channels_last(images), tf.float32)
-        target_stack = tf.constant(as_channels_last(targets), tf.float32)
+    window_table = tf.constant(windows, tf.int64)
+    read = _crop_reader(images, targets, patch_size, windows.shape[1], volumetric)
 
-        def crop(index):
-            z, row, col = origin(index)
-            image = image_stack[z, row : row + patch_size, col : col + patch_size]
-            target = target_stack[z, row : row + patch_size, col : col + patch_size]
-            return image, target
-
-    else:  # a volume larger than memory: the same crops, read from the chunked store
-        read = _read_crops(images, targets, patch_size)
-
-        def crop(index):
-            return read(*origin(index))
+    def crop(index):
+        w, row, col = origin(index)
+        return read(window_table[w], row, col)
 
     dataset = tf.data.Dataset.counter(start=start_batch * batch_size).map(crop, num_parallel_calls=tf.data.AUTOTUNE)
     dataset = dataset.batch(batch_size, drop_remainder=True)
@@ -204,20 +263,25 @@ def tile_origins(size: int, patch_size: int) -> list[int]:
 
 
 def validation_dataset(
-    images: np.ndarray, targets: np.ndarray, patch_size: int = 256, batch_size: int = 4
+    images: np.ndarray,
+    targets: np.ndarray,
+    patch_size: int = 256,
+    batch_size: int = 4,
+    windows: np.ndarray | None = None,
+    volumetric: bool = False,
 ) -> tf.data.Dataset:
-    """Fixed, unaugmented crops that cover every validation slice (the last crop in a row or column is flush
-    with the edge)."""
+    """Fixed, unaugmented crops of every window (:func:`section_windows`; default one section each) that cover
+    every validation slice (the last crop in a row or column is flush with the edge), laid out as
+    :func:`training_dataset`'s."""
     check_patch_size(images.shape, patch_size)
+    windows = np.arange(len(images))[:, None] if windows is None else np.asarray(windows)
     rows = tile_origins(images.shape[1], patch_size)
     cols = tile_origins(images.shape[2], patch_size)
-    crops = [(z, r, c) for z in range(images.shape[0]) for r in rows for c in cols]
-    if not isinstance(images, np.ndarray):  # read from the chunked store each epoch, never all in memory
-        origins = tf.data.Dataset.from_tensor_slices(np.array(crops, np.int64))
-        dataset = origins.map(lambda o: _read_crops(images, targets, patch_size)(o[0], o[1], o[2]))
-        return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
-    images = as_channels_last(images)
-    targets = as_channels_last(targets)
-    image_crops = np.stack([images[z, r : r + patch_size, c : c + patch_size] for z, r, c in crops])
-    target_crops = np.stack([targets[z, r : r + patch_size, c : c + patch_size] for z, r, c in crops])
-    return tf.data.Dataset.from_tensor_slices((image_crops, target_crops)).batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    crops = [(w, r, c) for w in range(len(windows)) for r in rows for c in cols]
+    origins = tf.data.Dataset.from_tensor_slices(np.array(crops, np.int64))
+    window_table = tf.constant(windows, tf.int64)
+    read = _crop_reader(images, targets, patch_size, windows.shape[1], volumetric)
+    dataset = origins.map(lambda o: read(window_table[o[0]], o[1], o[2]))
+    if isinstance(images, np.ndarray):  # a chunked store is read again each epoch, never held in memory
+        dataset = dataset.cache()
+    return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)

@@ -13,6 +13,11 @@ from scipy import ndimage
 from skimage.measure import label
 
 
+def _per_example(tensor) -> tuple[int, ...]:
+    """The axes of one example: all but the batch axis (2-D ``(b, y, x, c)`` and 3-D ``(b, z, y, x, c)`` alike)."""
+    return tuple(range(1, len(tensor.shape)))
+
+
 def _membrane(y_true):
     return y_true[..., :1]
 
@@ -25,15 +30,15 @@ def _pixel_bce(y_true, y_pred):
 
 def bce(y_true, y_pred):
     """Binary cross-entropy averaged over pixels."""
-    return ops.mean(_pixel_bce(y_true, y_pred), axis=(1, 2, 3))
+    return ops.mean(_pixel_bce(y_true, y_pred), axis=_per_example(y_pred))
 
 
 def soft_dice(y_true, y_pred, smooth: float = 1.0):
     """Soft Dice coefficient of the membrane class per example."""
     y_true = ops.cast(_membrane(y_true), "float32")
     y_pred = ops.cast(y_pred, "float32")
-    overlap = ops.sum(y_true * y_pred, axis=(1, 2, 3))
-    total = ops.sum(y_true, axis=(1, 2, 3)) + ops.sum(y_pred, axis=(1, 2, 3))
+    overlap = ops.sum(y_true * y_pred, axis=_per_example(y_pred))
+    total = ops.sum(y_true, axis=_per_example(y_pred)) + ops.sum(y_pred, axis=_per_example(y_pred))
     return (2.0 * overlap + smooth) / (total + smooth)
 
 
@@ -48,7 +53,7 @@ def bce_dice(y_true, y_pred):
 def weighted_bce(y_true, y_pred):
     """Cross-entropy weighted per pixel by the map in target channel 1 (see :func:`border_weight_map`)."""
     weights = ops.cast(y_true[..., 1:2], "float32")
-    return ops.mean(weights * _pixel_bce(y_true, y_pred), axis=(1, 2, 3))
+    return ops.mean(weights * _pixel_bce(y_true, y_pred), axis=_per_example(y_pred))
 
 
 # The losses by name: --loss offers these (em_unet.config reads the names from here).
@@ -93,8 +98,8 @@ def training_loss(name: str, affinity_offsets=()):
         targets, inside = affinity_targets(y_true[..., -1], offsets)
         predicted = ops.clip(ops.cast(y_pred[..., 1:], "float32"), 1e-7, 1.0 - 1e-7)
         pixel = -(targets * ops.log(predicted) + (1.0 - targets) * ops.log(1.0 - predicted)) * inside
-        pairs = ops.maximum(ops.sum(inside, axis=(1, 2, 3)), 1.0)
-        return membrane + ops.sum(pixel, axis=(1, 2, 3)) / pairs
+        pairs = ops.maximum(ops.sum(inside, axis=_per_example(y_pred)), 1.0)
+        return membrane + ops.sum(pixel, axis=_per_example(y_pred)) / pairs
 
     loss.__name__ = f"{name}_and_affinities"
     return loss
@@ -104,7 +109,9 @@ def pixel_accuracy(y_true, y_pred):
     """Fraction of pixels whose thresholded (0.5) prediction equals the membrane target."""
     y_true = ops.cast(_membrane(y_true), "float32")
     y_pred = _membrane(y_pred)
-    return ops.mean(ops.cast(ops.equal(y_true, ops.cast(y_pred > 0.5, "float32")), "float32"), axis=(1, 2, 3))
+    return ops.mean(
+        ops.cast(ops.equal(y_true, ops.cast(y_pred > 0.5, "float32")), "float32"), axis=_per_example(y_pred)
+    )
 
 
 def dice(y_true, y_pred):

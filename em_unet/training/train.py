@@ -30,6 +30,7 @@ from em_unet.training.assembly import (
     TrainingBackup,
     build_model,
     fit,
+    model_voxel_size,
     placement_for,
     prepare_data,
     read_backup,
@@ -37,6 +38,7 @@ from em_unet.training.assembly import (
     restore_training_state,
     run_callbacks,
     steps_per_epoch,
+    training_precision,
 )
 from em_unet.training.distribute import is_chief, make_strategy, resolve_strategy
 
@@ -151,7 +153,7 @@ def history_before(path: Path, epochs: int) -> tuple[str, list[float | None]]:
 def validation_scores(model: keras.Model, images: np.ndarray, targets: np.ndarray) -> dict:
     """ISBI scores of ``model`` on whole validation slices, predicted as ``em-unet predict`` does by default."""
     slices = images if isinstance(images, np.ndarray) else (images[i] for i in range(len(images)))
-    probabilities = np.stack(list(predict_stack(keras_predictor(model), slices)))
+    probabilities = np.stack(list(predict_stack(keras_predictor(model), slices, count=len(images))))
     if not isinstance(targets, np.ndarray):  # lazy views of a volume: the validation slices one by one
         targets = np.stack([targets[i] for i in range(len(targets))])
     membrane = targets[..., 0] if targets.ndim == 4 else targets
@@ -216,7 +218,7 @@ def _train(config: TrainConfig, strategy, run_dir: Path | None, verbose: int, ex
     data = prepare_data(config)
     steps = steps_per_epoch(config, data)
     placement = placement_for(config)
-    with precision_policy(config.precision) as precision:
+    with precision_policy(training_precision(config)) as precision:
         keras.utils.set_random_seed(config.seed)
         with strategy.scope():
             model, unet = build_model(config, steps, placement)
@@ -244,6 +246,7 @@ def _train(config: TrainConfig, strategy, run_dir: Path | None, verbose: int, ex
                     "strategy_used": resolve_strategy(config.strategy),
                     "replicas": strategy.num_replicas_in_sync,
                     "steps_per_epoch_used": steps,
+                    "voxel_size_used": model_voxel_size(config),
                     "train_slices": data.train_slices.tolist(),
                     "val_slices_used": data.val_slices.tolist(),
                     "augment_config": augment.to_dict() if (augment := config.augment_config()) else None,

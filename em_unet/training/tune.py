@@ -61,6 +61,7 @@ from em_unet.training.assembly import (
     prepare_data,
     run_callbacks,
     steps_per_epoch,
+    training_precision,
 )
 from em_unet.training.data import check_patch_size
 from em_unet.training.distribute import (
@@ -478,7 +479,7 @@ def _tune(base: TrainConfig, search: SearchConfig, verbose: int) -> dict:
     data = prepare_data(base)
     check_space_fits(space, base, data)
     deadline = time.monotonic() + base.max_minutes * 60.0 if base.max_minutes else None
-    with precision_policy(base.precision) as precision:
+    with precision_policy(training_precision(base)) as precision:
         hypermodel = UnetHyperModel(space, base, data, deadline, grid=search.algorithm == "grid")
         tuner = make_tuner(
             search,

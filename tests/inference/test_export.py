@@ -359,3 +359,32 @@ def test_an_affinity_unet_serves_affinities_and_membrane_probability_with_its_of
     predictor = load_predictor(version)  # em-unet reads both outputs back, membrane first
     assert predictor.affinity_offsets == offsets
     assert np.allclose(predictor(image), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["2.5-D", "3-D"])
+def test_z_context_unets_export_their_signature_and_predict_the_same(tmp_path, kind):
+    """2.5-D: ``[batch, y, x, K]``; 3-D: ``[batch, z, y, x, 1]`` with its z-patch kept as ``z_context``."""
+    import tensorflow as tf
+
+    from em_unet.training.model import build_unet3d
+
+    keras.utils.set_random_seed(4)
+    if kind == "2.5-D":
+        model, shape, sample = build_unet(depth=2, base_filters=4, channels=5), [None, None, None, 5], (1, 32, 32, 5)
+    else:
+        model = build_unet3d(depth=2, base_filters=4, voxel_size=(12, 4, 4), z_context=4)
+        shape, sample = [None, None, None, None, 1], (1, 4, 32, 32, 1)
+    folder = export_saved_model(model, "z", tmp_path)
+    loaded = tf.saved_model.load(str(folder))
+    signature = loaded.signatures["serving_default"]
+    assert signature.structured_input_signature[1]["image"].shape.as_list() == shape
+    image = np.random.default_rng(0).random(sample).astype(np.float32)
+    served = signature(image=tf.constant(image))["membrane_probability"].numpy()
+    assert served.shape == sample[:-1] + (1,) and np.abs(served - model(image).numpy()).max() < 1e-5
+    if kind == "3-D":
+        assert int(loaded.z_context[0].numpy()) == 4
+    predictor = load_predictor(folder)
+    keras_file = load_predictor(folder / "model.keras")
+    assert predictor.z_context == keras_file.z_context == (5 if kind == "2.5-D" else 4)
+    tiles = np.random.default_rng(1).random((2, 32, 32, predictor.z_context)).astype(np.float32)
+    assert np.abs(predictor(tiles) - keras_file(tiles)).max() < 1e-5 and predictor(tiles).shape == (2, 32, 32, 1)

@@ -508,3 +508,37 @@ def test_predict_writes_the_affinities_with_their_offsets(tmp_path):
             tmp_path / "boundary.keras", tmp_path / "raw.tif", tmp_path / "q.tif", affinities_path=tmp_path / "b.tif"
         )
     assert not (tmp_path / "q.tif").exists() and not (tmp_path / "b.tif").exists()
+
+
+@pytest.mark.parametrize("kind", ["2.5-D", "3-D"])
+def test_each_section_is_predicted_with_its_z_halo_mirrored_at_the_stack_ends(kind):
+    """A section's tile holds the K // 2 sections each side, mirrored at the first and last sections; a 3-D
+    U-Net's output for the middle section is kept."""
+    from em_unet.inference.predict import keras_predictor
+    from em_unet.io.stacks import z_context_indices
+    from em_unet.training.model import build_unet3d
+
+    keras.utils.set_random_seed(2)
+    if kind == "2.5-D":
+        model, z_context = build_unet(depth=2, base_filters=4, channels=3), 3
+    else:
+        model, z_context = build_unet3d(depth=2, base_filters=4, voxel_size=(12, 4, 4), z_context=4), 4
+    images = np.random.default_rng(1).random((5, 64, 64)).astype(np.float32)
+    predictor = keras_predictor(model)
+    assert predictor.z_context == z_context
+    tiling = Tiling(margin=16, overlap=16)  # one 96 px tile per slice
+    got = np.stack(list(predict_stack(predictor, iter(images), tiling, count=5)))
+    for z in range(5):
+        window = np.stack([images[i] for i in z_context_indices(z, 5, z_context)], axis=-1)
+        padded = np.pad(window, ((16, 16), (16, 16), (0, 0)), mode="reflect")
+        if kind == "2.5-D":
+            expected = model(padded[None])[0, 16:80, 16:80, 0]
+        else:
+            expected = model(np.moveaxis(padded, -1, 0)[None, ..., None])[0, z_context // 2, 16:80, 16:80, 0]
+        assert np.abs(got[z] - np.asarray(expected)).max() < 1e-5, z
+    assert [z_context_indices(0, 5, 3).tolist(), z_context_indices(4, 5, 3).tolist()] == [[1, 0, 1], [3, 4, 3]]
+    # smaller tiles give the same map away from the tile seams' blending (the halo is the same in every tile)
+    tiled = np.stack(list(predict_stack(predictor, images, Tiling(tile=48, margin=16, overlap=0))))
+    assert tiled.shape == got.shape and np.isfinite(tiled).all()
+    with pytest.raises(ValueError, match="give count"):
+        next(predict_stack(predictor, iter(images), tiling))

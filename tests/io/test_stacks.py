@@ -412,3 +412,24 @@ def test_labels_without_membrane_or_without_interior_are_refused(tmp_path, value
     with pytest.raises(DataError) as err:
         load_labelled_stack(tmp_path / "img.tif", tmp_path / "lab.tif", convention)
     assert one_line(err).startswith(f"{tmp_path / 'lab.tif'}: {expected}")
+
+
+def test_z_windows_read_each_section_once_and_mirror_at_the_ends():
+    from em_unet.io.stacks import mirrored_sections, z_context_indices, z_windows
+
+    assert mirrored_sections(np.arange(-3, 8), 5).tolist() == [3, 2, 1, 0, 1, 2, 3, 4, 3, 2, 1]
+    assert mirrored_sections(np.arange(-2, 3), 1).tolist() == [0] * 5
+    for count in (1, 2, 3, 8):
+        for z_context in (1, 3, 4, 7):
+            reads = []
+
+            def slices(count=count, reads=reads):
+                for i in range(count):
+                    reads.append(i)
+                    yield np.full((2, 3), i)
+
+            windows = list(z_windows(slices(), count, z_context))
+            assert reads == list(range(count)) and len(windows) == count
+            for z, window in enumerate(windows):
+                assert window.shape == (2, 3, z_context)
+                assert window[0, 0].tolist() == z_context_indices(z, count, z_context).tolist()

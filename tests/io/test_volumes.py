@@ -680,3 +680,30 @@ def test_create_leaves_nothing_behind_when_it_fails(tmp_path, monkeypatch):
     with pytest.raises(DataError) as excinfo:
         create_volume("/proc/out.ome.zarr", (2, 3, 4), np.uint8, (1, 3, 4))
     assert "/proc is a kernel interface, not a place for output files" in message(excinfo)
+
+
+def test_the_voxel_size_comes_from_ome_zarr_metadata_with_units(tmp_path):
+
+    from em_unet.io.volumes import voxel_size_nm
+
+    path = tmp_path / "em.ome.zarr"
+    with create_volume(str(path), (4, 32, 32), np.uint8, (1, 32, 32)):
+        pass
+    assert voxel_size_nm(str(path)) is None  # em-unet's own outputs: scale 1, no units
+    group = zarr.open_group(str(path), mode="r+")
+    attrs = group.attrs.asdict()
+    ome = attrs.get("ome", attrs)
+    multiscales = ome["multiscales"]
+    multiscales[0]["axes"] = [
+        {"name": "z", "type": "space", "unit": "micrometer"},
+        {"name": "y", "type": "space", "unit": "nanometer"},
+        {"name": "x", "type": "space", "unit": "nanometer"},
+    ]
+    multiscales[0]["datasets"][0]["coordinateTransformations"] = [{"type": "scale", "scale": [0.05, 4.0, 4.0]}]
+    if "ome" in attrs:
+        group.attrs["ome"] = {**ome, "multiscales": multiscales}
+    else:
+        group.attrs["multiscales"] = multiscales
+    assert voxel_size_nm(str(path)) == pytest.approx((50.0, 4.0, 4.0))
+    assert voxel_size_nm(str(tmp_path / "missing.ome.zarr")) is None
+    assert voxel_size_nm(f"{tmp_path}/x.h5:/raw") is None

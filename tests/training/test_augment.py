@@ -180,3 +180,92 @@ def test_placement_auto_is_pipeline_without_gpu():
     assert resolve_placement("step") == "step"
     with pytest.raises(ValueError):
         resolve_placement("gpu")
+
+
+SECTIONS_OFF = dict(z_flips=False, missing_sections=0.0, misaligned_sections=0.0, section_jitter=0.0)
+
+
+def z_patches(batch=4, sections=5, size=96):
+    """Smooth sections, each a little different, and their masks (image > 0.5)."""
+    rows, cols = np.mgrid[0:size, 0:size]
+    stack = [0.5 + 0.5 * np.sin(cols / (16.0 + z)) * np.cos(rows / (20.0 + z)) for z in range(sections)]
+    images = np.repeat(np.stack(stack)[None, ..., None], batch, axis=0).astype(np.float32)
+    return images, (images > 0.5).astype(np.float32)
+
+
+def test_3d_crops_share_one_transform_for_every_section_and_its_mask():
+    images, masks = z_patches()
+    out_images, out_masks = (
+        a.numpy()
+        for a in augment_batch(
+            images, masks, [3, 4], AugmentConfig(brightness=0, contrast_range=(1, 1), **SECTIONS_OFF)
+        )
+    )
+    assert out_images.shape == images.shape and out_masks.shape == masks.shape
+    thresholded = out_images > 0.5
+    assert (thresholded == (out_masks > 0.5)).mean() >= 0.99
+    assert (thresholded[:, :, :, 1:] == (out_masks[:, :, :, :-1] > 0.5)).mean() < 0.99  # one pixel off fails
+    # one 2-D transform for all sections: the same as augmenting the sections as channels of a 2-D crop
+    planar, _ = augment_batch(
+        np.moveaxis(images[..., 0], 1, -1),
+        masks[:, 2],
+        [3, 4],
+        AugmentConfig(brightness=0, contrast_range=(1, 1), **SECTIONS_OFF),
+    )
+    assert np.allclose(np.moveaxis(planar.numpy(), -1, 1), out_images[..., 0], atol=1e-6)
+
+
+def test_section_transforms_each_do_what_they_say_and_can_be_switched_off():
+    images, masks = z_patches(batch=16)
+    base = dict(
+        rotation_degrees=0,
+        scale_range=(1, 1),
+        shear_degrees=0,
+        translation_px=0,
+        flips=False,
+        elastic=False,
+        brightness=0,
+        contrast_range=(1, 1),
+    )
+    untouched, _ = augment_batch(images, masks, [1, 2], AugmentConfig(**base, **SECTIONS_OFF))
+    assert np.allclose(untouched.numpy(), images, atol=1e-6)
+    flips, flipped_masks = (
+        a.numpy()
+        for a in augment_batch(images, masks, [1, 2], AugmentConfig(**base, **{**SECTIONS_OFF, "z_flips": True}))
+    )
+    reversed_ = [np.allclose(f, images[0, ::-1], atol=1e-6) for f in flips]
+    assert 2 <= sum(reversed_) <= 14 and all(
+        r or np.allclose(f, images[0], atol=1e-6) for r, f in zip(reversed_, flips)
+    )
+    assert all(np.array_equal(m > 0.5, f > 0.5) for m, f in zip(flipped_masks, flips))  # masks flipped with them
+    blank, _ = augment_batch(images, masks, [1, 2], AugmentConfig(**base, **{**SECTIONS_OFF, "missing_sections": 1.0}))
+    blanked = (blank.numpy().max(axis=(2, 3, 4)) == 0).sum(axis=1)
+    assert blanked.tolist() == [1] * 16  # one section per crop
+    moved, moved_masks = (
+        a.numpy()
+        for a in augment_batch(
+            images,
+            masks,
+            [1, 2],
+            AugmentConfig(**base, **{**SECTIONS_OFF, "misaligned_sections": 1.0, "misalign_px": 6}),
+        )
+    )
+    for crop, crop_masks in zip(moved, moved_masks):
+        changed = [not np.allclose(section, original, atol=1e-6) for section, original in zip(crop, images[0])]
+        first = changed.index(True) if any(changed) else None
+        if first is not None:  # a slab: every section from the cut on, and the labels moved with them
+            assert changed == [False] * first + [True] * (5 - first) and first >= 1
+        assert np.array_equal(crop_masks > 0.5, crop > 0.5)
+    jitter, _ = augment_batch(images, masks, [1, 2], AugmentConfig(**base, **{**SECTIONS_OFF, "section_jitter": 0.1}))
+    means = jitter.numpy().mean(axis=(2, 3, 4)) - images.mean(axis=(2, 3, 4))
+    assert np.abs(means).max() <= 0.1 + 1e-3 and np.std(means) > 0.01  # each section its own shift
+    # 2.5-D: the misaligned slab never holds the middle section, whose labels are the target
+    planar_images = np.moveaxis(images[..., 0], 1, -1)
+    moved, _ = augment_batch(
+        planar_images,
+        masks[:, 2],
+        [5, 6],
+        AugmentConfig(**base, **{**SECTIONS_OFF, "misaligned_sections": 1.0, "misalign_px": 6}),
+    )
+    assert np.allclose(moved.numpy()[..., 2], planar_images[..., 2], atol=1e-6)
+    assert not np.allclose(moved.numpy(), planar_images, atol=1e-6)

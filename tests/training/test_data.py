@@ -83,3 +83,56 @@ def test_validation_crops_cover_every_slice():
     assert image_crops.shape == (2 * 3 * 3, 32, 32, 1)  # origins 0, 32, 48 on each axis
     assert np.array_equal(image_crops[0, ..., 0], images[0, :32, :32])
     assert np.array_equal(image_crops[8, ..., 0], images[0, 48:, 48:])
+
+
+def test_z_context_windows_never_cross_between_training_and_validation():
+    """The no-leak rule: a window's sections all come from its own block, mirrored at the block's ends."""
+    from em_unet.training.data import section_windows
+
+    train, val = split_slices(20, val_slices=(8, 11))  # a validation block in the middle: two training runs
+    for z_context in (3, 5, 9):
+        for slices in (train, val):
+            windows = section_windows(slices, z_context)
+            assert windows.shape == (len(slices), z_context)
+            assert np.array_equal(slices[windows[:, z_context // 2]], slices)  # centred on every section
+            for window, centre in zip(slices[windows], slices):
+                same_run = (centre < 8 and window.max() < 8) or (centre > 11 and window.min() > 11)
+                assert same_run or slices is val, (window, centre)
+                assert set(window) <= set(slices)
+    assert val[section_windows(val, 5)].tolist()[0] == [10, 9, 8, 9, 10]  # mirrored at the block's first section
+    assert train[section_windows(train, 3)].tolist()[7] == [6, 7, 6]  # the last section before the block
+    volumetric = section_windows(train, 4, volumetric=True)
+    assert volumetric.shape == (5 + 5, 4)  # 8 and 8 sections: 5 windows of 4 each
+    assert all(np.array_equal(np.diff(train[w]), [1, 1, 1]) for w in volumetric)
+    short = section_windows(np.arange(3), 6, volumetric=True)
+    assert short.tolist() == [[0, 1, 2, 1, 0, 1]]  # a block shorter than the z-patch: one mirrored window
+
+
+def test_z_context_samples_hold_the_window_and_the_middle_sections_targets():
+    from em_unet.training.data import section_windows
+
+    images, targets = synthetic(n=6, size=48)
+    images = (images + np.arange(6)[:, None, None]).astype(np.float32)  # each section its own range
+    windows = section_windows(np.arange(6), 3)
+    image_batch, target_batch = batches(
+        training_dataset(images, targets, patch_size=16, batch_size=8, windows=windows), 1
+    )[0]
+    assert image_batch.shape == (8, 16, 16, 3) and target_batch.shape == (8, 16, 16, 1)
+    for image, target in zip(image_batch, target_batch):
+        sections = np.floor(image.min(axis=(0, 1))).astype(int)
+        middle = sections[1]
+        assert sections.tolist() == windows[middle].tolist()
+        assert np.array_equal(target[..., 0], ((image[..., 1] - middle) > 0.7).astype(np.float32))
+    val_images, val_targets = batches(
+        validation_dataset(images, targets, patch_size=48, batch_size=6, windows=windows), 1
+    )[0]
+    assert val_images.shape == (6, 48, 48, 3) and np.array_equal(val_images[:, ..., 1], images)
+    volumetric = section_windows(np.arange(6), 4, volumetric=True)
+    image_batch, target_batch = batches(
+        training_dataset(images, targets, patch_size=16, batch_size=2, windows=volumetric, volumetric=True), 1
+    )[0]
+    assert image_batch.shape == (2, 4, 16, 16, 1) and target_batch.shape == (2, 4, 16, 16, 1)
+    for image, target in zip(image_batch[..., 0], target_batch[..., 0]):
+        sections = np.floor(image.min(axis=(1, 2))).astype(int)
+        assert np.array_equal(np.diff(sections), [1, 1, 1])
+        assert np.array_equal(target, ((image - sections[:, None, None]) > 0.7).astype(np.float32))

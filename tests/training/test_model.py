@@ -108,3 +108,35 @@ def test_affinity_unet_outputs_membrane_then_affinities_and_keeps_its_offsets(tm
     assert affinity_offsets_of(build_unet(2, 4)) == ()
     image = np.random.default_rng(0).random((1, 16, 16, 1)).astype(np.float32)
     assert np.allclose(loaded.predict(image, verbose=0), model.predict(image, verbose=0))
+
+
+def test_anisotropic_levels_pool_z_only_once_the_voxel_is_about_isotropic():
+    from em_unet.training.model import anisotropic_levels, z_step
+
+    isbi = anisotropic_levels(4, (50, 4, 4))  # y/x 4, 8, 16, 32 nm: z 50 nm is within 2x at the fourth level
+    assert [level.kernel for level in isbi] == [(1, 3, 3)] * 3 + [(3, 3, 3)] * 2
+    assert [level.pool for level in isbi[:-1]] == [(1, 2, 2)] * 3 + [(2, 2, 2)] and z_step(isbi) == 2
+    isotropic = anisotropic_levels(3, (8, 8, 8))
+    assert all(level.kernel == (3, 3, 3) for level in isotropic) and z_step(isotropic) == 8
+    assert z_step(anisotropic_levels(2, (1000, 4, 4))) == 1
+
+
+def test_3d_unet_shapes_its_signature_and_shape_errors():
+    from em_unet.inference.predict import z_context_of
+    from em_unet.training.model import build_unet3d, check_z_size
+
+    model = build_unet3d(depth=2, base_filters=4, voxel_size=(12, 4, 4), z_context=4)
+    assert model.input_shape == (None, None, None, None, 1) and z_context_of(model) == (4, True)
+    assert model(np.zeros((2, 4, 32, 48, 1), np.float32)).shape == (2, 4, 32, 48, 1)
+    assert "Conv3D" in {type(layer).__name__ for layer in model.layers}
+    for sections, nearest in ((3, "2 or 4"), (5, "4 or 6"), (1, "2")):
+        with pytest.raises(ModelInputError, match=f"multiples of 2 sections \\(nearest valid: {nearest}\\)"):
+            check_z_size(sections, 2)
+        with pytest.raises(ModelInputError, match="multiples of 2 sections"):
+            model(np.zeros((1, sections, 32, 32, 1), np.float32))
+    with pytest.raises(ModelInputError, match="multiples of 4 px"):
+        model(np.zeros((1, 4, 30, 32, 1), np.float32))
+    reloaded = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(model))
+    assert z_context_of(reloaded) == (4, True)
+    planar = build_unet(depth=2, base_filters=4, channels=5)
+    assert z_context_of(planar) == (5, False) and planar(np.zeros((1, 32, 32, 5), np.float32)).shape == (1, 32, 32, 1)

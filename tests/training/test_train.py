@@ -59,6 +59,18 @@ def refusals(folder):
         (["--target", "affinities", "--offsets", "-1,0 0,-40"], "does not fit in the 32 px patch"),
         (["--target", "affinities", "--offsets", "up"], "is not a pair DY,DX"),
         (["--ema", "1"], "--ema = 1"),
+        (["--z-context", "2"], "--z-context 2: the 2-D U-Net predicts the middle section"),
+        (["--z-context", "4"], "K must be odd (e.g. 3 or 5)"),
+        (["--z-context", "0"], "--z-context = 0"),
+        (["--model", "unet3d", "--target", "affinities"], "learns the membrane probability only"),
+        (["--model", "unet3d", "--z-context", "2"], "records no voxel size"),
+        (["--model", "unet3d", "--voxel-size", "50,4"], "must be three positive numbers Z,Y,X"),
+        (["--model", "unet3d", "--voxel-size", "0,4,4"], "must be three positive numbers Z,Y,X"),
+        (["--model", "unet3d", "--voxel-size", "fifty,4,4"], "must be three positive numbers Z,Y,X"),
+        (["--model", "unet3d", "--voxel-size", "12,4,4", "--z-context", "3"], "multiples of 2 sections"),
+        (["--model", "unet3d", "--voxel-size", "4,4,4", "--z-context", "2"], "multiples of 4 sections"),
+        (["--model", "unet3d", "--voxel-size", "4,4,4", "--z-context", "6"], "(nearest valid: 4 or 8)"),
+        (["--model", "unet3d", "--voxel-size", "50,4,4", "--precision", "mixed_bfloat16"], "crash in half"),
     ]
 
 
@@ -186,3 +198,31 @@ def test_val_every_validates_the_first_every_nth_and_the_last_epoch(stack, capsy
     assert np.isnan(from_events["val_loss"]).tolist() == [False, False, True, False, False]
     assert np.allclose(from_events["val_loss"][[0, 1, 3, 4]], from_csv["val_loss"][[0, 1, 3, 4]], rtol=1e-5)
     assert plot_runs(run, tmp_path / "plots")
+
+
+@pytest.mark.parametrize(
+    "flags, input_shape",
+    [
+        (["--z-context", "3"], [None, None, None, 3]),
+        (["--model", "unet3d", "--voxel-size", "12,4,4", "--z-context", "2"], [None, None, None, None, 1]),
+    ],
+)
+def test_z_context_models_train_export_and_predict_a_stack(stack, capsys, flags, input_shape):
+    """2.5-D and 3-D from the command line: trained, exported with their signature, predicted on a TIFF."""
+    import json
+
+    import tensorflow as tf
+
+    argv = ["train", *TINY, "--data", stack / "img.tif", "--labels", stack / "lab.tif", "--val-slices", "2-2"]
+    argv += ["--logs-dir", stack / "logs", "--models-dir", stack / "models", "--run-name", "z", *flags]
+    assert cli.main([str(a) for a in argv]) == 0, capsys.readouterr().err
+    config = json.loads((stack / "logs" / "z" / "config.json").read_text())
+    assert config["z_context"] == int(flags[flags.index("--z-context") + 1])
+    signature = tf.saved_model.load(str(stack / "models" / "em_unet" / "1")).signatures["serving_default"]
+    assert signature.structured_input_signature[1]["image"].shape.as_list() == input_shape
+    assert (
+        cli.main(["predict", str(stack / "models" / "em_unet"), str(stack / "img.tif"), "-o", str(stack / "p.tif")])
+        == 0
+    )
+    probability = tifffile.imread(stack / "p.tif")
+    assert probability.shape == (3, 64, 64) and np.isfinite(probability).all()
