@@ -260,7 +260,7 @@ class TrainConfig(Settings):
     )
     z_flips: bool = setting(
         True,
-        "with --z-context: reverse the sections' order of half the crops (off: --no-z-flips)",
+        "with --z-context: reverse the sections' order in half the crops",
         group="augmentation",
     )
     missing_sections: float = setting(

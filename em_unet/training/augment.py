@@ -389,47 +389,70 @@ def augment_sections(images, masks, seed, config: AugmentConfig, volumetric: boo
       section's labels, the slab is always the side without the middle section;
     - section jitter: each section's own brightness (+-``section_jitter``) and contrast (1 +- 2 x it);
     - missing section: with probability ``missing_sections``, one section blanked to 0.
+
+    The draws are made here; :func:`apply_sections` applies them, compiled by XLA (as the affine pass).
     """
     sections = images.shape[-1]
     batch = tf.shape(images)[0]
     seeds = tf.unstack(tf.random.experimental.stateless_split(seed, 8, alg=RNG))
-    if volumetric:
-        shape, flat = tf.shape(masks), masks.shape[-1]
-        masks = tf.reshape(masks, [shape[0], shape[1], shape[2], sections, flat // sections])
+
+    def chance(seed, probability):
+        return tf.random.stateless_uniform([batch], seed, alg=RNG) < probability
+
+    flip = slab = shift = brightness = contrast = blank = None
     if config.z_flips:
-        flip = tf.random.stateless_uniform([batch], seeds[0], alg=RNG) < 0.5
-        images = tf.where(flip[:, None, None, None], images[..., ::-1], images)
-        if volumetric:
-            masks = tf.where(flip[:, None, None, None, None], masks[..., ::-1, :], masks)
+        flip = chance(seeds[0], 0.5)
     if config.misaligned_sections > 0 and config.misalign_px > 0:
-        apply = tf.random.stateless_uniform([batch], seeds[1], alg=RNG) < config.misaligned_sections
         cut = tf.random.stateless_uniform([batch, 1], seeds[2], 1, sections, dtype=tf.int32, alg=RNG)
         index = tf.range(sections)[None]
         slab = index >= cut if volumetric else tf.where(cut > sections // 2, index >= cut, index < cut)
-        slab = tf.logical_and(slab, apply[:, None])
+        slab = tf.logical_and(slab, chance(seeds[1], config.misaligned_sections)[:, None])
         reach = config.misalign_px
         shift = tf.cast(tf.round(tf.random.stateless_uniform([batch, 2], seeds[3], -reach, reach, alg=RNG)), tf.int32)
+    if config.section_jitter > 0:
+        jitter = config.section_jitter
+        brightness = tf.random.stateless_uniform([batch, sections], seeds[4], -jitter, jitter, alg=RNG)
+        contrast = tf.random.stateless_uniform([batch, sections], seeds[5], 1 - 2 * jitter, 1 + 2 * jitter, alg=RNG)
+    if config.missing_sections > 0:
+        which = tf.random.stateless_uniform([batch], seeds[7], 0, sections, dtype=tf.int32, alg=RNG)
+        blank = tf.one_hot(which, sections, on_value=True, off_value=False)
+        blank = tf.logical_and(blank, chance(seeds[6], config.missing_sections)[:, None])
+    return _apply_sections_xla(images, masks, volumetric, flip, slab, shift, brightness, contrast, blank)
+
+
+def apply_sections(
+    images, masks, volumetric, flip=None, slab=None, shift=None, brightness=None, contrast=None, blank=None
+):
+    """Apply drawn section transforms (see :func:`augment_sections`; None: not applied): ``flip`` (b,) reverses
+    the sections; ``slab`` (b, K) sections moved by ``shift`` (b, 2) whole pixels; ``brightness`` and ``contrast``
+    (b, K) per section; ``blank`` (b, K) sections set to 0."""
+    sections = images.shape[-1]
+    if volumetric:
+        shape, flat = tf.shape(masks), masks.shape[-1]
+        masks = tf.reshape(masks, [shape[0], shape[1], shape[2], sections, flat // sections])
+    if flip is not None:
+        images = tf.where(flip[:, None, None, None], images[..., ::-1], images)
+        if volumetric:
+            masks = tf.where(flip[:, None, None, None, None], masks[..., ::-1, :], masks)
+    if slab is not None:
         images = tf.where(slab[:, None, None, :], _translated(images, shift), images)
         if volumetric:
             moved = tf.reshape(
                 _translated(tf.reshape(masks, [shape[0], shape[1], shape[2], flat]), shift), tf.shape(masks)
             )
             masks = tf.where(slab[:, None, None, :, None], moved, masks)
-    if config.section_jitter > 0:
-        jitter = config.section_jitter
-        brightness = tf.random.stateless_uniform([batch, sections], seeds[4], -jitter, jitter, alg=RNG)
-        contrast = tf.random.stateless_uniform([batch, sections], seeds[5], 1 - 2 * jitter, 1 + 2 * jitter, alg=RNG)
+    if brightness is not None:
         mean = tf.reduce_mean(images, axis=[1, 2], keepdims=True)
         images = (images - mean) * contrast[:, None, None, :] + mean + brightness[:, None, None, :]
         images = tf.clip_by_value(images, 0.0, 1.0)
-    if config.missing_sections > 0:
-        apply = tf.random.stateless_uniform([batch], seeds[6], alg=RNG) < config.missing_sections
-        which = tf.random.stateless_uniform([batch], seeds[7], 0, sections, dtype=tf.int32, alg=RNG)
-        blank = tf.logical_and(tf.one_hot(which, sections, on_value=True, off_value=False), apply[:, None])
+    if blank is not None:
         images = tf.where(blank[:, None, None, :], 0.0, images)
     if volumetric:
         masks = tf.reshape(masks, [shape[0], shape[1], shape[2], flat])
     return images, masks
+
+
+_apply_sections_xla = tf.function(apply_sections, jit_compile=True)
 
 
 def apply_transforms(images, masks, matrix, translation, control=None, contrast=None, brightness=None):
