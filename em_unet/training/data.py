@@ -1,6 +1,6 @@
 """The tf.data pipelines that feed training: random crops, augmentation, validation tiles, the split of
-slices into training and validation, and chunked volumes read lazily for training (stacks are read by
-:mod:`em_unet.io.stacks`)."""
+slices into training and validation, the sections each sample reads with z-context (:func:`section_windows`),
+and chunked volumes read lazily for training (stacks are read by :mod:`em_unet.io.stacks`)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Losses and per-epoch metrics. Targets are ``(batch, h, w, c)``: channel 0 is the membrane
+"""Losses and per-epoch metrics. Targets are ``(batch, h, w, c)`` (a 3-D U-Net's ``(batch, z, h, w, c)``;
+every loss and metric averages over all axes but the batch): channel 0 is the membrane
 target (1 = membrane); the border-weighted loss reads its weight map from channel 1; an affinity U-Net's
 loss reads cell ids from the last channel. Predictions: channel 0 is the membrane probability, the
 channels after it an affinity U-Net's affinities."""

@@ -305,22 +305,35 @@ def build_unet3d(
     return keras.Model(image, output, name=name or f"unet3d_d{depth}_f{base_filters}")
 
 
-def unet_parameter_count(depth: int, base_filters: int, batch_norm: bool = False, outputs: int = 1) -> int:
-    """The parameters (trainable or not) of :func:`~em_unet.training.model.build_unet`'s U-Net, counted without
-    building it."""
+def unet_parameter_count(
+    depth: int,
+    base_filters: int,
+    batch_norm: bool = False,
+    outputs: int = 1,
+    levels: list[Level] | None = None,
+    channels: int = 1,
+) -> int:
+    """The parameters (trainable or not) of the U-Net :func:`build_unet` (``levels`` None: :func:`planar_levels`;
+    ``channels``: its input channels) or :func:`build_unet3d` (its ``levels``) builds, counted without building
+    it."""
+    levels = levels or planar_levels(depth)
 
-    def conv3(inputs: int, filters: int) -> int:
-        return 9 * inputs * filters + (4 * filters if batch_norm else filters)  # BN: 4 per filter, no bias
+    def conv(inputs: int, filters: int, kernel) -> int:
+        weights = int(np.prod(kernel)) * inputs * filters
+        return weights + (4 * filters if batch_norm else filters)  # BN: 4 per filter, no bias
 
-    def block(inputs: int, filters: int) -> int:
-        return conv3(inputs, filters) + conv3(filters, filters)
+    def block(inputs: int, filters: int, kernel) -> int:
+        return conv(inputs, filters, kernel) + conv(filters, filters, kernel)
 
-    count, channels = 0, 1
+    count = 0
     for level in range(1, depth + 2):  # the contracting levels, then the bottleneck
         filters = base_filters * 2 ** (level - 1)
-        count, channels = count + block(channels, filters), filters
+        count, channels = count + block(channels, filters, levels[level - 1].kernel), filters
     for level in range(depth, 0, -1):
-        filters = base_filters * 2 ** (level - 1)
-        count += 4 * channels * filters + filters + block(2 * filters, filters)  # 2x2 transposed conv, then a block
+        filters, pool = base_filters * 2 ** (level - 1), levels[level - 1].pool
+        # a transposed convolution of the pooling's size, then a block
+        count += (
+            int(np.prod(pool)) * channels * filters + filters + block(2 * filters, filters, levels[level - 1].kernel)
+        )
         channels = filters
     return count + (channels + 1) * outputs  # the 1x1 output convolution

@@ -57,6 +57,7 @@ from em_unet.training.assembly import (
     build_model,
     fit,
     inner_unet,
+    model_voxel_size,
     placement_for,
     prepare_data,
     run_callbacks,
@@ -78,7 +79,7 @@ from em_unet.training.distribute import (
     set_tuner_role,
     watch_chief,
 )
-from em_unet.training.model import unet_parameter_count
+from em_unet.training.model import anisotropic_levels, unet_parameter_count
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -235,7 +236,14 @@ def largest_parameters(space: dict, base: TrainConfig) -> int:
 
     sizes = itertools.product(values("depth"), values("base_filters"), values("batch_norm"))
     outputs = 1 + len(base.affinity_offsets())
-    return max(unet_parameter_count(depth, filters, batch_norm, outputs) for depth, filters, batch_norm in sizes)
+    voxel_size = model_voxel_size(base)
+
+    def count(depth: int, filters: int, batch_norm: bool) -> int:
+        if voxel_size is not None:  # a 3-D U-Net
+            return unet_parameter_count(depth, filters, batch_norm, outputs, anisotropic_levels(depth, voxel_size))
+        return unet_parameter_count(depth, filters, batch_norm, outputs, channels=base.z_context)
+
+    return max(count(*size) for size in sizes)
 
 
 # ---------------------------------------------------------------- the tuners

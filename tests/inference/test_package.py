@@ -15,7 +15,7 @@ from em_unet import cli
 from em_unet.inference import package
 from em_unet.inference.tiling import Tiling
 from em_unet.io.stacks import to_unit_range
-from em_unet.training.model import build_unet
+from em_unet.training.model import build_unet, build_unet3d
 from tests.helpers import small_isbi, tiny_flags
 
 UNET_DOI = "10.1007/978-3-319-24574-4_28"
@@ -221,6 +221,8 @@ def test_bad_inputs_give_one_line_and_leave_nothing(tmp_path, capsys):
     other = foreign_saved_model(tmp_path / "other-signature", signature="predict")
     keras_file = tmp_path / "model.keras"
     build_unet(depth=2, base_filters=4).save(keras_file)
+    build_unet(depth=2, base_filters=4, channels=3).save(tmp_path / "k3.keras")
+    build_unet3d(depth=2, base_filters=4, voxel_size=(12, 4, 4), z_context=4).save(tmp_path / "u3d.keras")
     before = listing(tmp_path)
     cases = [
         ([tmp_path / "missing", "-o", tmp_path / "out.zip"], "missing: no such model file or folder"),
@@ -234,6 +236,8 @@ def test_bad_inputs_give_one_line_and_leave_nothing(tmp_path, capsys):
         ([keras_file, "-o", tmp_path / "out.zip", "--name", "x/y"], "--name 'x/y'"),
         ([three, "-o", tmp_path / "out.zip"], "takes 3 channels"),
         ([other, "-o", tmp_path / "out.zip"], "has no serving_default signature"),
+        ([tmp_path / "k3.keras", "-o", tmp_path / "out.zip"], "takes 3 channels"),
+        ([tmp_path / "u3d.keras", "-o", tmp_path / "out.zip"], "a U-Net with z-context (4 sections, 3-D)"),
     ]
     for args, expected in cases:
         assert cli.main(["package", *map(str, args)]) == 2, args

@@ -140,3 +140,13 @@ def test_3d_unet_shapes_its_signature_and_shape_errors():
     assert z_context_of(reloaded) == (4, True)
     planar = build_unet(depth=2, base_filters=4, channels=5)
     assert z_context_of(planar) == (5, False) and planar(np.zeros((1, 32, 32, 5), np.float32)).shape == (1, 32, 32, 1)
+
+
+def test_the_parameter_count_of_2_5d_and_3d_unets_without_building_them():
+    from em_unet.training.model import anisotropic_levels, build_unet3d
+
+    assert unet_parameter_count(3, 4, channels=5) == build_unet(3, 4, channels=5).count_params()
+    for voxel_size in ((50, 4, 4), (8, 8, 8)):
+        levels = anisotropic_levels(3, voxel_size)
+        built = build_unet3d(3, 4, voxel_size, batch_norm=True).count_params()
+        assert unet_parameter_count(3, 4, True, levels=levels) == built, voxel_size
