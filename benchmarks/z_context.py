@@ -155,7 +155,7 @@ def augment_part(rounds: int) -> None:
     }
     for function in functions.values():
         function(images, masks, tf.constant([0, 0], tf.int64))  # trace
-    batches = 20
+    batches = 50
     for _ in range(rounds):
         for name, function in functions.items():
             start = time.perf_counter()
