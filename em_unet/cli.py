@@ -184,7 +184,8 @@ def cmd_export(args) -> int:
     options = from_args(ExportOptions, args)
     outputs = {name: getattr(TrainConfig, name) for name in EXPORT_FIELDS}
     for name, value in given(args, TrainConfig).items():
-        outputs[name] = check_value(TrainConfig.field(name), value, TrainConfig)
+        if name in EXPORT_FIELDS:  # not "model": the positional model file shares its name with --model
+            outputs[name] = check_value(TrainConfig.field(name), value, TrainConfig)
     check_folder_name("model_name", outputs["model_name"])
     path = export_keras_file(options.model, outputs["model_name"], outputs["models_dir"], outputs["export_precision"])
     print(f"SavedModel for TF Serving: {path}")
