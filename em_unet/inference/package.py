@@ -505,15 +505,15 @@ def _source(model_path: Path, run_dir: str | Path | None, staging: Path) -> _Sou
         saved_model, original = model_path, "tensorflow_saved_model_bundle"
         model = load_keras_model(model_path / "model.keras") if (model_path / "model.keras").is_file() else None
     predictor, offsets = load_saved_model(saved_model)  # one-line errors for a SavedModel that is not em-unet's
-    if predictor.volumetric or predictor.z_context > 1:
-        raise EmUnetError(
-            f"{model_path}: a U-Net with z-context ({predictor.z_context} sections"
-            f"{', 3-D' if predictor.volumetric else ''}); em-unet packages one-section 2-D U-Nets only so far"
-        )
     if offsets:
         raise EmUnetError(
             f"{model_path}: an affinity U-Net ({len(offsets)} affinity channels beside the membrane probability); "
             "em-unet packages boundary U-Nets only so far: package a model trained with --target boundary"
+        )
+    if predictor.volumetric:
+        raise EmUnetError(
+            f"{model_path}: a 3-D U-Net (z-patches of {predictor.z_context} sections); em-unet packages 2-D U-Nets "
+            "only so far"
         )
     channels = _channels(saved_model)
     if channels != (1, 1):

@@ -237,7 +237,7 @@ def test_bad_inputs_give_one_line_and_leave_nothing(tmp_path, capsys):
         ([three, "-o", tmp_path / "out.zip"], "takes 3 channels"),
         ([other, "-o", tmp_path / "out.zip"], "has no serving_default signature"),
         ([tmp_path / "k3.keras", "-o", tmp_path / "out.zip"], "takes 3 channels"),
-        ([tmp_path / "u3d.keras", "-o", tmp_path / "out.zip"], "a U-Net with z-context (4 sections, 3-D)"),
+        ([tmp_path / "u3d.keras", "-o", tmp_path / "out.zip"], "a 3-D U-Net (z-patches of 4 sections)"),
     ]
     for args, expected in cases:
         assert cli.main(["package", *map(str, args)]) == 2, args
