@@ -32,6 +32,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import tifffile  # noqa: E402
 from isbi_data import ISBI  # noqa: E402  (benchmarks/, beside this script)
+from train_throughput import EpochClock  # noqa: E402  (the same clock as the 2-D throughput benchmark)
 
 from em_unet.config import TrainConfig  # noqa: E402
 from em_unet.inference.predict import keras_predictor, predict_stack  # noqa: E402
@@ -60,20 +61,6 @@ CANDIDATES = {
         PRESET, model="unet3d", z_context=4, voxel_size="50,4,4", batch_size=1
     ),
 }
-
-
-class EpochClock(keras.callbacks.Callback):
-    """Seconds between successive epoch ends, the first epoch (tracing) left out."""
-
-    def on_train_begin(self, logs=None):
-        self.ends: list[float] = []
-
-    def on_epoch_end(self, epoch, logs=None):
-        self.ends.append(time.perf_counter())
-
-    @property
-    def seconds_per_epoch(self) -> float:
-        return float(np.mean(np.diff(self.ends)))
 
 
 def sections_per_step(config: TrainConfig) -> int:

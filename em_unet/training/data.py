@@ -171,8 +171,9 @@ def section_windows(slices: np.ndarray, z_context: int = 1, volumetric: bool = F
 
 
 def _window_crop(stack, window, row, col, patch_size: int):
-    """``stack``'s sections ``window`` cropped at (row, col): ``(sections, patch, patch, ...)``."""
-    return tf.gather(stack, window)[:, row : row + patch_size, col : col + patch_size]
+    """``stack``'s sections ``window`` (static length) cropped at (row, col): ``(sections, patch, patch, ...)``;
+    each section is cropped before it is copied."""
+    return tf.stack([stack[window[k], row : row + patch_size, col : col + patch_size] for k in range(window.shape[0])])
 
 
 # ---------------------------------------------------------------- tf.data
